@@ -1,0 +1,127 @@
+"""An experiment dir on disk, read as plain files (no running Ray needed).
+
+Layout, under ``storage_path/<experiment name>/``:
+
+- ``sweep.yaml``: the resolved sweep config;
+- ``dataset.json``: where the data came from, its cache, classes and counts;
+- ``splits.csv``: path, label and split of every image;
+- one folder per trial (Ray's): ``params.json``, ``result.json`` (one JSON line
+  per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed;
+- ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+SWEEP_FILE = "sweep.yaml"
+DATASET_FILE = "dataset.json"
+SPLITS_FILE = "splits.csv"
+LEADERBOARD_CSV = "leaderboard.csv"
+LEADERBOARD_MD = "leaderboard.md"
+PARAMS_FILE = "params.json"
+RESULTS_FILE = "result.json"
+ERROR_FILE = "error.txt"
+
+
+class ExperimentError(ValueError):
+    """A folder is not a readable experiment dir; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` records about the data a sweep used."""
+
+    root: str  # the dataset folder
+    synthetic: bool  # the embedded synthetic set, not real X-rays
+    layout: str  # "imagefolder"
+    cache_path: str  # the decoded array cache
+    image_size: int
+    class_names: list[str]
+    positive_class: str  # the folder name of the class whose recall is ranked
+    split_counts: dict[str, dict[str, int]]  # split -> class -> images
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> DatasetInfo:
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as found on disk."""
+
+    trial_id: str
+    directory: Path
+    config: dict[str, Any]
+    results: pd.DataFrame  # one row per reported epoch, in order
+    error: str | None  # the error text if the trial failed
+
+    @property
+    def family(self) -> str:
+        return str(self.config.get("family", "?"))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A finished (or interrupted) sweep read from its experiment dir."""
+
+    directory: Path
+    sweep: dict[str, Any]
+    dataset: DatasetInfo
+    trials: list[TrialRecord]
+
+
+def read_experiment(directory: str | Path) -> Experiment:
+    """Read an experiment dir written by ``cxrtune sweep``."""
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise ExperimentError(f"experiment dir not found: {directory}")
+    for required in (SWEEP_FILE, DATASET_FILE, SPLITS_FILE):
+        if not (directory / required).is_file():
+            raise ExperimentError(
+                f"{directory} is not a cxrtune experiment dir: {required} is missing"
+            )
+    sweep = yaml.safe_load((directory / SWEEP_FILE).read_text())
+    dataset = DatasetInfo.read(directory / DATASET_FILE)
+    trials = [
+        read_trial(params.parent) for params in sorted(directory.glob(f"*/{PARAMS_FILE}"))
+    ]
+    return Experiment(directory=directory, sweep=sweep, dataset=dataset, trials=trials)
+
+
+def read_trial(directory: Path) -> TrialRecord:
+    """Read one trial folder: its config, its per-epoch results and its error, if any."""
+    config = json.loads((directory / PARAMS_FILE).read_text())
+    results_path = directory / RESULTS_FILE
+    rows = []
+    if results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a killed process; the rows before it stand
+    results = pd.DataFrame(rows)
+    error_path = directory / ERROR_FILE
+    error = error_path.read_text().strip() if error_path.is_file() else None
+    if "trial_id" in results:
+        trial_id = str(results["trial_id"].iloc[0])
+    else:  # a trial that never reported: its folder is named <trial id>_<family>
+        family = str(config.get("family", ""))
+        trial_id = directory.name.removesuffix(f"_{family}") if family else directory.name
+    return TrialRecord(
+        trial_id=trial_id, directory=directory, config=config, results=results, error=error
+    )

@@ -1,0 +1,165 @@
+"""The ``cxrtune`` command line.
+
+Exit codes: 0 done; 1 the sweep ran but no trial produced a result; 2 bad input
+(sweep file, dataset, arguments); 130 interrupted. Heavy libraries are imported
+inside the commands, so ``cxrtune --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_NO_RESULTS = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class InputError(Exception):
+    """Bad input from the user: reported as one message, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxrtune",
+        description="Hyperparameter search for chest X-ray COVID-19 classifiers "
+        "(Ray Tune + Optuna), ranked by COVID recall and macro AUC.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a hyperparameter sweep and print its leaderboard",
+        description="Run a sweep described by a sweep YAML file, then rank its trials. "
+        "Without --data (or `data:` in the file) the embedded synthetic dataset is used.",
+    )
+    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep YAML (default: built-in defaults)")
+    sweep.add_argument("--data", help="dataset folder in ImageFolder layout (one folder per class)")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep-file key, e.g. --set num_samples=50 --set resources.vgg16.gpus=1",
+    )
+    sweep.add_argument("--name", help="experiment folder name (default: <name>-<timestamp>)")
+    sweep.add_argument("--address", help="address of a running Ray cluster (default: start one locally)")
+    sweep.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default 20)")
+    sweep.set_defaults(handler=run_sweep_command)
+
+    leaderboard = commands.add_parser(
+        "leaderboard",
+        help="rank the trials of an experiment dir and evaluate them on the test split",
+        description="Rank an experiment's trials on validation metrics, evaluate each trial's "
+        "best-validation checkpoint on the held-out test split, and write leaderboard.csv "
+        "and leaderboard.md into the experiment dir. No running Ray is needed.",
+    )
+    leaderboard.add_argument("experiment_dir", type=Path)
+    leaderboard.add_argument("--top", type=int, default=None, help="rows to print (default: all)")
+    leaderboard.add_argument("--format", choices=("table", "csv", "md"), default="table")
+    leaderboard.set_defaults(handler=run_leaderboard_command)
+
+    data = commands.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser(
+        "synth",
+        help="write the embedded synthetic four-class dataset (PNG, ImageFolder layout)",
+        description="Write a synthetic, chest-X-ray-like four-class dataset (COVID the minority) "
+        "as PNG files in ImageFolder layout. It is for demos and tests, not for medical use.",
+    )
+    synth.add_argument("directory", type=Path, help="output folder (must not exist or be empty)")
+    synth.add_argument("--n", type=int, default=1200, help="number of images (default 1200)")
+    synth.add_argument("--size", type=int, default=128, help="pixels per side (default 128)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.set_defaults(handler=run_synth_command)
+    return parser
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.experiment import read_experiment
+    from cxrtune.analysis.leaderboard import build_leaderboard, format_leaderboard, write_leaderboard
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.sweep import run_sweep
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data={args.data}")
+    config = load_sweep_config(args.sweep_file, overrides)
+    outcome = run_sweep(config, name=args.name, address=args.address)
+    print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
+    leaderboard = build_leaderboard(read_experiment(outcome.experiment_dir))
+    write_leaderboard(leaderboard, outcome.experiment_dir)
+    print()
+    print(format_leaderboard(leaderboard, top=args.top))
+    print(f"\nLeaderboard written to {outcome.experiment_dir}/leaderboard.csv and leaderboard.md")
+    return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
+
+
+def run_leaderboard_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.experiment import read_experiment
+    from cxrtune.analysis.leaderboard import build_leaderboard, format_leaderboard, write_leaderboard
+
+    experiment = read_experiment(args.experiment_dir)
+    leaderboard = build_leaderboard(experiment)
+    write_leaderboard(leaderboard, experiment.directory)
+    print(format_leaderboard(leaderboard, top=args.top, style=args.format), end="\n" if args.format == "table" else "")
+    return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
+
+
+def run_synth_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cxrtune.trainables.synthetic import write_synthetic_dataset
+
+    with tqdm(total=args.n, desc="Writing synthetic images", unit="img", file=sys.stderr) as bar:
+        counts = write_synthetic_dataset(
+            args.directory,
+            n=args.n,
+            size=args.size,
+            seed=args.seed,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    listing = ", ".join(f"{name} {count}" for name, count in counts.items())
+    print(f"Wrote {sum(counts.values())} SYNTHETIC images to {args.directory} ({listing})")
+    return EXIT_OK
+
+
+def _input_error_types() -> tuple[type[BaseException], ...]:
+    from cxrtune.analysis.experiment import ExperimentError
+    from cxrtune.search.config import SweepConfigError
+    from cxrtune.trainables.config import ConfigError
+    from cxrtune.trainables.data import DataError
+    from cxrtune.trainables.models import WeightsUnavailableError
+
+    return (
+        SweepConfigError,
+        ConfigError,
+        DataError,
+        ExperimentError,
+        WeightsUnavailableError,
+        FileNotFoundError,
+        FileExistsError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cxrtune`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("cxrtune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if isinstance(error, _input_error_types()):
+            print(f"cxrtune: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

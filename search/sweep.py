@@ -1,0 +1,201 @@
+"""Run a sweep end to end: prepare data and the experiment dir, run the Tuner, rank.
+
+The data are decoded and split here once, before any trial starts, so that a
+bad dataset fails in seconds with a clear message rather than in every trial.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrtune.analysis.experiment import (
+    DATASET_FILE,
+    SPLITS_FILE,
+    SWEEP_FILE,
+    DatasetInfo,
+)
+from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
+from cxrtune.trainables.data import Dataset, default_cache_dir, find_positive_class, load_image_folder
+from cxrtune.trainables.splits import SPLITS, SplitIndices, stratified_split, write_splits
+from cxrtune.trainables.trainable import TrialData
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The decoded dataset, its split and what ``dataset.json`` records about it."""
+
+    dataset: Dataset
+    splits: SplitIndices
+    info: DatasetInfo
+
+    def trial_data(self) -> TrialData:
+        """Train and val arrays for the trials; the test split stays on the driver."""
+        return TrialData(
+            train_images=self.dataset.images[self.splits.train],
+            train_labels=self.dataset.labels[self.splits.train],
+            val_images=self.dataset.images[self.splits.val],
+            val_labels=self.dataset.labels[self.splits.val],
+            class_names=self.dataset.class_names,
+            positive_index=self.info.positive_index,
+        )
+
+
+def synthetic_data_dir(config: SweepConfig) -> Path:
+    """Where the embedded synthetic set for ``config`` lives (generated on first use)."""
+    synthetic = config.synthetic
+    name = f"n{synthetic.n}-size{synthetic.size}-seed{synthetic.seed}"
+    return default_cache_dir() / "synthetic" / name
+
+
+def ensure_synthetic_data(config: SweepConfig) -> Path:
+    """Generate the embedded synthetic dataset unless it is already there."""
+    from cxrtune.trainables.synthetic import write_synthetic_dataset
+
+    directory = synthetic_data_dir(config)
+    if not directory.is_dir():
+        print(f"Writing the synthetic dataset ({config.synthetic.n} images) to {directory}")
+        write_synthetic_dataset(
+            directory, n=config.synthetic.n, size=config.synthetic.size, seed=config.synthetic.seed
+        )
+    return directory
+
+
+def prepare_data(config: SweepConfig) -> PreparedData:
+    """Decode (or reuse the cache of) the sweep's dataset, find the positive class, split."""
+    from tqdm import tqdm
+
+    synthetic = config.data is None
+    root = ensure_synthetic_data(config) if synthetic else Path(config.data).expanduser().resolve()
+    with tqdm(desc="Decoding images", unit="img", leave=False, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        dataset, cache_path = load_image_folder(root, config.image_size, progress=progress)
+    positive_index = find_positive_class(dataset.class_names, config.positive_class)
+    splits = stratified_split(
+        dataset.labels,
+        val_fraction=config.splits.val,
+        test_fraction=config.splits.test,
+        seed=config.seed,
+    )
+    counts = {
+        split: {
+            name: int(count)
+            for name, count in zip(
+                dataset.class_names,
+                np.bincount(dataset.labels[splits.of(split)], minlength=len(dataset.class_names)),
+                strict=True,
+            )
+        }
+        for split in SPLITS
+    }
+    info = DatasetInfo(
+        root=str(root),
+        synthetic=synthetic,
+        layout="imagefolder",
+        cache_path=str(cache_path),
+        image_size=config.image_size,
+        class_names=list(dataset.class_names),
+        positive_class=dataset.class_names[positive_index],
+        split_counts=counts,
+    )
+    return PreparedData(dataset=dataset, splits=splits, info=info)
+
+
+def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path, str]:
+    """The new experiment dir and its name; an existing non-empty dir is an error."""
+    if "://" in config.storage_path:
+        raise SweepConfigError(
+            f"storage_path: {config.storage_path!r}: only local or mounted folders are supported"
+        )
+    storage = Path(config.storage_path).expanduser().resolve()
+    if name is None:
+        name = f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    directory = storage / name
+    if directory.exists() and any(directory.iterdir()):
+        raise SweepConfigError(f"experiment dir {directory} already exists; choose another --name")
+    return directory, name
+
+
+def write_experiment_files(directory: Path, config: SweepConfig, prepared: PreparedData) -> None:
+    """Write what the analysis needs before any trial runs, so nothing is lost if the sweep dies."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_sweep_config(config, directory / SWEEP_FILE)
+    prepared.info.write(directory / DATASET_FILE)
+    write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE)
+
+
+def start_ray(address: str | None) -> None:
+    """Connect to a running cluster at ``address``, or start a private local one on loopback."""
+    import optuna
+    import ray
+
+    # The sweep prints its own progress; Ray's legacy reporter at verbosity 0 and
+    # Optuna at WARNING keep their chatter out of it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """Where the sweep wrote its results and how its trials ended."""
+
+    experiment_dir: Path
+    trials: int
+    errored: int
+
+
+def run_sweep(config: SweepConfig, *, name: str | None = None, address: str | None = None) -> SweepOutcome:
+    """Run the whole sweep; the experiment dir holds everything afterwards."""
+    from cxrtune.search.progress import SweepProgress
+    from cxrtune.search.tuner import build_tuner
+    from cxrtune.trainables.models import resolve_vgg16_weights
+
+    experiment_dir, experiment_name = experiment_dir_for(config, name)
+    # Resolved before any data work or trial, so an offline machine fails at once.
+    vgg16_weights = resolve_vgg16_weights(config.weights) if "vgg16" in config.families else "none"
+    prepared = prepare_data(config)
+    write_experiment_files(experiment_dir, config, prepared)
+    print(describe_data(prepared.info))
+    print(f"Experiment dir: {experiment_dir}")
+
+    start_ray(address)
+    progress = SweepProgress(config.num_samples, config.max_epochs)
+    tuner = build_tuner(
+        config,
+        prepared.trial_data(),
+        experiment_name=experiment_name,
+        storage_path=str(experiment_dir.parent),
+        vgg16_weights=vgg16_weights,
+        progress=progress,
+    )
+    results = tuner.fit()
+    return SweepOutcome(
+        experiment_dir=experiment_dir, trials=len(results), errored=len(results.errors)
+    )
+
+
+def describe_data(info: DatasetInfo) -> str:
+    """One paragraph on the data a sweep uses: source, classes, split sizes."""
+    source = "SYNTHETIC (embedded demo set, not real X-rays)" if info.synthetic else info.root
+    lines = [f"Data: {source}", f"  positive class: {info.positive_class}"]
+    for split, counts in info.split_counts.items():
+        listing = ", ".join(f"{name} {count}" for name, count in counts.items())
+        lines.append(f"  {split:<5} {sum(counts.values()):5d} images ({listing})")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny image folders built inline, an isolated cache dir."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own dataset cache, never the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("CXRTUNE_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+@pytest.fixture
+def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Build ``root/<class>/<i>.png`` with distinct random grayscale images."""
+
+    def make(
+        classes: dict[str, int], *, size: int = 24, seed: int = 0, root: Path | None = None
+    ) -> Path:
+        root = root or tmp_path / "data"
+        rng = np.random.default_rng(seed)
+        for class_name, count in classes.items():
+            for index in range(count):
+                pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+                write_png(root / class_name / f"{index:03d}.png", pixels)
+        return root
+
+    return make

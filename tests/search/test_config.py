@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxrtune.search.config import (
+    FamilyResources,
+    SweepConfig,
+    SweepConfigError,
+    load_sweep_config,
+    write_sweep_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_the_documented_defaults() -> None:
+    config = load_sweep_config(None)
+    assert config == SweepConfig()
+    assert config.objectives == ["val_covid_recall", "val_macro_auc"]
+    assert config.scheduler_metric == "val_macro_auc"
+    assert set(config.resources) == {"baseline_cnn", "regularized_cnn", "vgg16"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_is_valid(path: Path) -> None:
+    load_sweep_config(path)
+
+
+def test_an_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(SweepConfigError, match="num_sample"):
+        load_sweep_config(write(tmp_path, "num_sample: 10\n"))
+
+
+def test_an_unknown_nested_key_is_named_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(SweepConfigError, match=r"resources\.vgg16\.gpu"):
+        load_sweep_config(write(tmp_path, "resources:\n  vgg16: {gpu: 1}\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("num_samples: ten\n", "num_samples"),
+        ("max_epochs: 2.5\n", "max_epochs"),
+        ("families: vgg16\n", "families"),
+        ("try_each_family_first: 1\n", "try_each_family_first"),
+        ("splits: {val: high}\n", "splits.val"),
+    ],
+)
+def test_a_wrong_type_is_an_error_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(SweepConfigError, match=key.replace(".", r"\.")):
+        load_sweep_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("families=[resnet]", "families"),
+        ("sampler=random", "sampler"),
+        ("space=huge", "space"),
+        ("objectives=[val_f1]", "val_f1"),
+        ("grace_period=20", "grace_period"),
+        ("image_size=30", "image_size"),
+        ("splits.val=0.9", "splits"),
+        ("resources.resnet.cpus=1", "resources"),
+    ],
+)
+def test_invalid_values_are_errors_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(None, [override])
+
+
+def test_set_overrides_reach_nested_keys_and_keep_other_defaults() -> None:
+    config = load_sweep_config(None, ["resources.vgg16.gpus=0.5", "families=[vgg16]", "data=null"])
+    assert config.resources["vgg16"] == FamilyResources(cpus=1.0, gpus=0.5)
+    assert config.resources["baseline_cnn"] == FamilyResources()
+    assert config.families == ["vgg16"] and config.data is None
+
+
+def test_a_malformed_override_is_an_error() -> None:
+    with pytest.raises(SweepConfigError, match="key=value"):
+        load_sweep_config(None, ["num_samples"])
+
+
+def test_a_file_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SweepConfigError, match="mapping"):
+        load_sweep_config(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_invalid_yaml_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SweepConfigError, match=r"sweep\.yaml"):
+        load_sweep_config(write(tmp_path, "name: [unclosed\n"))
+
+
+def test_the_written_config_reads_back_identical(tmp_path: Path) -> None:
+    config = load_sweep_config(None, ["num_samples=3", "resources.vgg16.gpus=1"])
+    write_sweep_config(config, tmp_path / "resolved.yaml")
+    assert load_sweep_config(tmp_path / "resolved.yaml") == config

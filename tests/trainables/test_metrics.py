@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+from cxrtune.trainables.metrics import classification_metrics, metric_safe_name
+
+CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+def random_case(seed: int, count: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(4), rng.integers(0, 4, count - 4)])
+    probabilities = rng.dirichlet(np.ones(4), count)
+    return labels, probabilities
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metrics_match_scikit_learn(seed: int) -> None:
+    labels, probabilities = random_case(seed)
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    predictions = probabilities.argmax(axis=1)
+    assert metrics["covid_recall"] == pytest.approx(recall_score(labels == 0, predictions == 0))
+    assert metrics["covid_precision"] == pytest.approx(precision_score(labels == 0, predictions == 0))
+    assert metrics["macro_auc"] == pytest.approx(
+        roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+    )
+    for index, name in enumerate(CLASSES):
+        expected = roc_auc_score(labels == index, probabilities[:, index])
+        assert metrics[f"auc_{metric_safe_name(name)}"] == pytest.approx(expected)
+    assert metrics["accuracy"] == pytest.approx(np.mean(predictions == labels))
+
+
+def test_a_positive_class_never_predicted_has_zero_recall_and_precision() -> None:
+    labels = np.array([0, 0, 1, 2, 3, 1])
+    probabilities = np.tile([0.1, 0.5, 0.2, 0.2], (6, 1))
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert metrics["covid_recall"] == 0.0
+    assert metrics["covid_precision"] == 0.0
+
+
+def test_tied_scores_give_the_auc_scikit_learn_gives() -> None:
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    probabilities = np.full((8, 4), 0.25)
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert metrics["macro_auc"] == pytest.approx(0.5)
+    assert metrics["auc_covid"] == pytest.approx(roc_auc_score(labels == 0, probabilities[:, 0]))
+
+
+def test_a_class_absent_from_the_labels_has_nan_auc_and_is_left_out_of_the_macro() -> None:
+    labels, probabilities = random_case(7)
+    labels = np.where(labels == 3, 2, labels)
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert math.isnan(metrics["auc_viral_pneumonia"])
+    present = [roc_auc_score(labels == i, probabilities[:, i]) for i in range(3)]
+    assert metrics["macro_auc"] == pytest.approx(np.mean(present))
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="N x C"):
+        classification_metrics(np.array([0, 1]), np.ones((3, 4)) / 4, CLASSES, positive_index=0)
+
+
+def test_class_names_become_metric_safe_keys() -> None:
+    assert metric_safe_name("Viral Pneumonia") == "viral_pneumonia"
+    assert metric_safe_name("COVID-19") == "covid_19"

@@ -1,0 +1,65 @@
+"""Batched augmentation on the trial's device, scaled by one ``strength`` knob.
+
+Each image in a batch gets its own random rotation, shift, zoom, brightness and
+contrast, all scaled by ``strength`` in [0, 1]. There is no horizontal flip by
+default: in a chest X-ray the heart is on the left, and a flipped film is a
+different (and rare) image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The largest change each transform makes at strength 1.
+MAX_ROTATION_DEGREES = 15.0
+MAX_SHIFT_FRACTION = 0.10  # of the image side
+MAX_ZOOM_FRACTION = 0.15  # zoom factor in [1 - z, 1 + z]
+MAX_BRIGHTNESS = 0.20  # added, on images scaled to [0, 1]
+MAX_CONTRAST_FRACTION = 0.30  # contrast factor in [1 - c, 1 + c]
+
+
+def augment_batch(
+    images: torch.Tensor,
+    strength: float,
+    generator: torch.Generator | None = None,
+    *,
+    horizontal_flip: bool = False,
+) -> torch.Tensor:
+    """Randomly transform a float batch ``B x C x H x W`` with values in [0, 1].
+
+    ``strength == 0`` returns the batch unchanged. Pixels moved in from outside
+    the image are black, like the film's border.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"augment strength must be in [0, 1], got {strength}")
+    if strength == 0.0:
+        return images
+    batch = images.shape[0]
+
+    def uniform(scale: float) -> torch.Tensor:
+        # Drawn on the CPU so one seeded generator gives the same batch on any device.
+        noise = torch.rand(batch, generator=generator) * 2 - 1
+        return (noise * scale * strength).to(device=images.device, dtype=images.dtype)
+
+    angle = uniform(math.radians(MAX_ROTATION_DEGREES))
+    zoom = 1 + uniform(MAX_ZOOM_FRACTION)
+    shift_x = uniform(2 * MAX_SHIFT_FRACTION)  # affine_grid coordinates span [-1, 1]
+    shift_y = uniform(2 * MAX_SHIFT_FRACTION)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1
+    )
+    if horizontal_flip:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        sign = torch.where(flip, -1.0, 1.0).to(device=images.device, dtype=images.dtype)
+        theta[:, :, 0] *= sign.view(-1, 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    brightness = uniform(MAX_BRIGHTNESS).view(-1, 1, 1, 1)
+    contrast = (1 + uniform(MAX_CONTRAST_FRACTION)).view(-1, 1, 1, 1)
+    mean = moved.mean(dim=(1, 2, 3), keepdim=True)
+    return ((moved - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
