@@ -96,9 +96,7 @@ def read_experiment(directory: str | Path) -> Experiment:
             )
     sweep = yaml.safe_load((directory / SWEEP_FILE).read_text())
     dataset = DatasetInfo.read(directory / DATASET_FILE)
-    trials = [
-        read_trial(params.parent) for params in sorted(directory.glob(f"*/{PARAMS_FILE}"))
-    ]
+    trials = [read_trial(params.parent) for params in sorted(directory.glob(f"*/{PARAMS_FILE}"))]
     return Experiment(directory=directory, sweep=sweep, dataset=dataset, trials=trials)
 
 

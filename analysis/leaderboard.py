@@ -74,7 +74,11 @@ def best_epoch_row(results: pd.DataFrame, metric: str, mode: str) -> pd.Series |
     candidates = candidates[candidates[metric].notna()]
     if candidates.empty:
         return None
-    position = candidates[metric].to_numpy().argmax() if mode == "max" else candidates[metric].to_numpy().argmin()
+    position = (
+        candidates[metric].to_numpy().argmax()
+        if mode == "max"
+        else candidates[metric].to_numpy().argmin()
+    )
     return candidates.iloc[int(position)]
 
 
@@ -157,7 +161,9 @@ def _evaluate_on_test(
                 continue
         checkpoint = record.directory / checkpoint_name
         if not checkpoint_name or not checkpoint.is_dir():
-            results[trial_id] = {key: math.nan for key in ("test_covid_recall", "test_macro_auc", "test_accuracy")}
+            results[trial_id] = {
+                key: math.nan for key in ("test_covid_recall", "test_macro_auc", "test_accuracy")
+            }
             continue
         if test_set is None:
             test_set = TestSet.load(experiment.dataset, experiment.directory / SPLITS_FILE)
@@ -176,7 +182,9 @@ def _evaluate_on_test(
     return results
 
 
-def format_leaderboard(leaderboard: Leaderboard, *, top: int | None = None, style: str = "table") -> str:
+def format_leaderboard(
+    leaderboard: Leaderboard, *, top: int | None = None, style: str = "table"
+) -> str:
     """Render as an aligned text table, CSV or Markdown."""
     ranked = leaderboard.ranked.head(top) if top else leaderboard.ranked
     shown = ranked.copy()
@@ -195,11 +203,15 @@ def format_leaderboard(leaderboard: Leaderboard, *, top: int | None = None, styl
             parts += ["", "Trials that failed:", "", failed]
         return "\n".join(parts) + "\n"
     if style == "table":
-        parts = [leaderboard.header, "", shown.to_string(index=False) if len(shown) else "(no trial reported a result)"]
+        parts = [
+            leaderboard.header,
+            "",
+            shown.to_string(index=False) if len(shown) else "(no trial reported a result)",
+        ]
         if len(leaderboard.failed):
             parts += ["", f"{len(leaderboard.failed)} trial(s) failed:"]
             parts += [
-                f"  {row.trial_id} {row.family}: {_first_line(row.error)}"
+                f"  {row.trial_id} {row.family}: {_first_line(str(row.error))}"
                 for row in leaderboard.failed.itertuples()
             ]
         return "\n".join(parts)

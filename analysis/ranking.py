@@ -39,7 +39,9 @@ def pareto_front_rank(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def rank_trials(table: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> pd.DataFrame:
+def rank_trials(
+    table: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES
+) -> pd.DataFrame:
     """Sort trials by Pareto front, then each objective in turn (best first); add ``rank``.
 
     ``trial_id`` breaks the remaining ties so the order is deterministic.

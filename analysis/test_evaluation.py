@@ -45,7 +45,7 @@ class TestSet:
 def evaluate_checkpoint(
     checkpoint: Path, test_set: TestSet, device: str = "cpu"
 ) -> tuple[dict[str, float], np.ndarray]:
-    """``test_``-prefixed metrics and class probabilities of the checkpoint's model on the test set."""
+    """``test_``-prefixed metrics and class probabilities of the checkpoint's model on test."""
     model, _, state = model_from_checkpoint(checkpoint, device)
     if list(state["class_names"]) != list(test_set.class_names):
         raise ValueError(

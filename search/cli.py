@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a sweep described by a sweep YAML file, then rank its trials. "
         "Without --data (or `data:` in the file) the embedded synthetic dataset is used.",
     )
-    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep YAML (default: built-in defaults)")
+    sweep.add_argument(
+        "sweep_file", nargs="?", type=Path, help="sweep YAML (default: built-in defaults)"
+    )
     sweep.add_argument("--data", help="dataset folder in ImageFolder layout (one folder per class)")
     sweep.add_argument(
         "--set",
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a sweep-file key, e.g. --set num_samples=50 --set resources.vgg16.gpus=1",
     )
     sweep.add_argument("--name", help="experiment folder name (default: <name>-<timestamp>)")
-    sweep.add_argument("--address", help="address of a running Ray cluster (default: start one locally)")
+    sweep.add_argument(
+        "--address", help="address of a running Ray cluster (default: start one locally)"
+    )
     sweep.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default 20)")
     sweep.set_defaults(handler=run_sweep_command)
 
@@ -81,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import read_experiment
-    from cxrtune.analysis.leaderboard import build_leaderboard, format_leaderboard, write_leaderboard
+    from cxrtune.analysis.leaderboard import (
+        build_leaderboard,
+        format_leaderboard,
+        write_leaderboard,
+    )
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
@@ -101,12 +109,19 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_leaderboard_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import read_experiment
-    from cxrtune.analysis.leaderboard import build_leaderboard, format_leaderboard, write_leaderboard
+    from cxrtune.analysis.leaderboard import (
+        build_leaderboard,
+        format_leaderboard,
+        write_leaderboard,
+    )
 
     experiment = read_experiment(args.experiment_dir)
     leaderboard = build_leaderboard(experiment)
     write_leaderboard(leaderboard, experiment.directory)
-    print(format_leaderboard(leaderboard, top=args.top, style=args.format), end="\n" if args.format == "table" else "")
+    print(
+        format_leaderboard(leaderboard, top=args.top, style=args.format),
+        end="\n" if args.format == "table" else "",
+    )
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
 

@@ -117,7 +117,9 @@ class SweepConfig:
         if not 1 <= len(self.objectives) <= 2 or len(set(self.objectives)) != len(self.objectives):
             raise SweepConfigError("objectives: give one metric, or two different ones")
         if self.sampler not in SAMPLERS:
-            raise SweepConfigError(f"sampler: must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+            raise SweepConfigError(
+                f"sampler: must be one of {list(SAMPLERS)}, got {self.sampler!r}"
+            )
         if self.sampler == "nsga2" and len(self.objectives) < 2:
             raise SweepConfigError("sampler: nsga2 needs two objectives")
         if self.optimizer not in ("adam", "adamw"):
@@ -173,7 +175,9 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
         except yaml.YAMLError as error:
             raise SweepConfigError(f"{path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
-            raise SweepConfigError(f"{path} must hold a mapping of keys, got {type(loaded).__name__}")
+            raise SweepConfigError(
+                f"{path} must hold a mapping of keys, got {type(loaded).__name__}"
+            )
         values = loaded or {}
     for override in overrides or []:
         key, separator, raw = override.partition("=")

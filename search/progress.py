@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 
@@ -12,10 +12,9 @@ from ray.tune import Callback
 class SweepProgress(Callback):
     """Prints what each trial is doing, with a running count of finished trials."""
 
-    def __init__(self, num_samples: int, max_epochs: int, stream: TextIO | None = None):
+    def __init__(self, num_samples: int, max_epochs: int):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
-        self.stream = stream or sys.stdout
         self.started = time.monotonic()
         self.finished = 0
         self.errored = 0
@@ -24,7 +23,10 @@ class SweepProgress(Callback):
     def _print(self, message: str) -> None:
         elapsed = time.monotonic() - self.started
         done = self.finished + self.errored
-        print(f"[{elapsed:6.0f}s {done:3d}/{self.num_samples}] {message}", file=self.stream, flush=True)
+        # sys.stdout is looked up on each call: the Tuner pickles its callbacks, and a
+        # stream held as an attribute would not pickle.
+        line = f"[{elapsed:6.0f}s {done:3d}/{self.num_samples}] {message}"
+        print(line, file=sys.stdout, flush=True)
 
     @staticmethod
     def _name(trial: Any) -> str:

@@ -22,7 +22,12 @@ from cxrtune.analysis.experiment import (
     DatasetInfo,
 )
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
-from cxrtune.trainables.data import Dataset, default_cache_dir, find_positive_class, load_image_folder
+from cxrtune.trainables.data import (
+    Dataset,
+    default_cache_dir,
+    find_positive_class,
+    load_image_folder,
+)
 from cxrtune.trainables.splits import SPLITS, SplitIndices, stratified_split, write_splits
 from cxrtune.trainables.trainable import TrialData
 
@@ -161,7 +166,9 @@ class SweepOutcome:
     errored: int
 
 
-def run_sweep(config: SweepConfig, *, name: str | None = None, address: str | None = None) -> SweepOutcome:
+def run_sweep(
+    config: SweepConfig, *, name: str | None = None, address: str | None = None
+) -> SweepOutcome:
     """Run the whole sweep; the experiment dir holds everything afterwards."""
     from cxrtune.search.progress import SweepProgress
     from cxrtune.search.tuner import build_tuner

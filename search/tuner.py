@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -48,10 +49,10 @@ class FamilyResourcesFn:
 
     resources: tuple[tuple[str, float, float], ...]  # (family, cpus, gpus)
 
-    def __call__(self, config: dict[str, Any]) -> dict[str, float]:
+    def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
         for family, cpus, gpus in self.resources:
             if family == config["family"]:
-                return {"cpu": cpus, "gpu": gpus}
+                return PlacementGroupFactory([{"CPU": cpus, "GPU": gpus}])
         raise ValueError(f"no resources configured for family {config['family']!r}")
 
 
@@ -67,7 +68,11 @@ def build_searcher(config: SweepConfig, vgg16_weights: str) -> OptunaSearch:
     space = TrialSpace(
         space=config.space,
         families=tuple(config.families),
-        fixed=(("max_epochs", config.max_epochs), ("seed", config.seed), ("optimizer", config.optimizer)),
+        fixed=(
+            ("max_epochs", config.max_epochs),
+            ("seed", config.seed),
+            ("optimizer", config.optimizer),
+        ),
         vgg16_weights=vgg16_weights,
     )
     if config.sampler == "nsga2":
@@ -76,16 +81,24 @@ def build_searcher(config: SweepConfig, vgg16_weights: str) -> OptunaSearch:
         sampler = optuna.samplers.TPESampler(seed=config.seed)
     modes = [metric_mode(metric) for metric in config.objectives]
     # Enqueued trials fix only the family; Optuna samples the rest as usual.
-    first_points = [{"family": family} for family in config.families] if config.try_each_family_first else None
+    first_points = (
+        [{"family": family} for family in config.families] if config.try_each_family_first else None
+    )
     if len(config.objectives) == 1:
         return OptunaSearch(
-            space=space, metric=config.objectives[0], mode=modes[0],
-            sampler=sampler, points_to_evaluate=first_points,
-        )  # fmt: skip
+            space=space,
+            metric=config.objectives[0],
+            mode=modes[0],
+            sampler=sampler,
+            points_to_evaluate=first_points,
+        )
     return OptunaSearch(
-        space=space, metric=list(config.objectives), mode=modes,
-        sampler=sampler, points_to_evaluate=first_points,
-    )  # fmt: skip
+        space=space,
+        metric=list(config.objectives),
+        mode=modes,
+        sampler=sampler,
+        points_to_evaluate=first_points,
+    )
 
 
 def build_tuner(

@@ -6,6 +6,7 @@ fixed (so every trial config names every hyperparameter). This package imports
 neither Ray nor torch.
 """
 
+from cxrtune.spaces import _spaces  # noqa: F401  (registers the built-in spaces)
 from cxrtune.spaces._registry import (
     FAMILIES,
     SPACES,
@@ -13,6 +14,5 @@ from cxrtune.spaces._registry import (
     get_space,
     register_space,
 )
-from cxrtune.spaces import _spaces  # noqa: F401  (registers the built-in spaces)
 
 __all__ = ["FAMILIES", "SPACES", "SpaceFunction", "get_space", "register_space"]

@@ -11,7 +11,9 @@ from PIL import Image
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """Every test gets its own dataset cache, never the user's."""
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("CXRTUNE_CACHE_DIR", str(cache))

@@ -57,7 +57,9 @@ class TrialConfig:
         fields = {field.name: field for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown trial config key(s) {unknown}; known keys: {sorted(fields)}")
+            raise ConfigError(
+                f"unknown trial config key(s) {unknown}; known keys: {sorted(fields)}"
+            )
         missing = sorted(
             name
             for name, field in fields.items()

@@ -45,7 +45,9 @@ class Dataset:
     def __post_init__(self) -> None:
         count = len(self.labels)
         if self.images.ndim != 4 or self.images.shape[0] != count or self.images.shape[1] != 1:
-            raise ValueError(f"images must be N x 1 x H x W with N = {count}, got {self.images.shape}")
+            raise ValueError(
+                f"images must be N x 1 x H x W with N = {count}, got {self.images.shape}"
+            )
         if len(self.paths) != count:
             raise ValueError(f"{len(self.paths)} paths for {count} images")
 
@@ -65,7 +67,7 @@ def default_cache_dir() -> Path:
 
 
 def find_image_files(root: Path) -> list[tuple[str, Path]]:
-    """``(class name, file)`` for every image under ``root/<class>/``, sorted; hidden entries skipped.
+    """``(class, file)`` for every image under ``root/<class>/``, sorted; hidden entries skipped.
 
     An empty class folder or fewer than two classes is a ``DataError``.
     """
@@ -98,13 +100,13 @@ def find_image_files(root: Path) -> list[tuple[str, Path]]:
 
 
 def fingerprint(root: Path, files: Sequence[tuple[str, Path]], image_size: int) -> str:
-    """A key that changes when any file is added, removed, resized or touched, or the size changes."""
+    """A key that changes when a file is added, removed, resized or touched, or the size changes."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"version": CACHE_FORMAT_VERSION, "size": image_size}).encode())
     for class_name, path in files:
         stat = path.stat()
-        entry = f"{class_name}\0{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-        digest.update(entry.encode())
+        relative = path.relative_to(root).as_posix()
+        digest.update(f"{class_name}\0{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -190,7 +192,7 @@ def load_image_folder(
 
 
 def write_cache(dataset: Dataset, cache_path: Path) -> None:
-    """Write ``dataset`` to ``cache_path`` atomically: a reader sees the old file or the whole new one."""
+    """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file."""
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=".tmp-", suffix=".npz")
     try:

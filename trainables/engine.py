@@ -23,8 +23,9 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial cannot go on."""
 
 
-def to_model_input(images: torch.Tensor, augment_strength: float = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def to_model_input(
+    images: torch.Tensor, augment_strength: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """uint8 ``B x 1 x H x W`` -> normalised float, augmented when ``augment_strength > 0``."""
     batch = images.float().div_(255.0)
     if augment_strength > 0:
@@ -32,9 +33,7 @@ def to_model_input(images: torch.Tensor, augment_strength: float = 0.0,
     return (batch - GRAY_MEAN) / GRAY_STD
 
 
-def epoch_indices(
-    labels: np.ndarray, imbalance: str, generator: torch.Generator
-) -> torch.Tensor:
+def epoch_indices(labels: np.ndarray, imbalance: str, generator: torch.Generator) -> torch.Tensor:
     """The order of training examples for one epoch.
 
     ``oversample`` draws with replacement so every class is equally likely
@@ -42,7 +41,7 @@ def epoch_indices(
     """
     if imbalance == "oversample":
         counts = np.bincount(labels)
-        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        weights = (1.0 / counts[labels]).tolist()
         sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
         return torch.tensor(list(sampler))
     return torch.randperm(len(labels), generator=generator)

@@ -42,10 +42,14 @@ def classification_metrics(
     metrics = {
         "accuracy": float(accuracy_score(labels, predictions)),
         "covid_recall": float(
-            recall_score(labels, predictions, labels=[positive_index], average="macro", zero_division=0)
+            recall_score(
+                labels, predictions, labels=[positive_index], average="macro", zero_division=0
+            )
         ),
         "covid_precision": float(
-            precision_score(labels, predictions, labels=[positive_index], average="macro", zero_division=0)
+            precision_score(
+                labels, predictions, labels=[positive_index], average="macro", zero_division=0
+            )
         ),
     }
     per_class_auc = one_vs_rest_auc(labels, probabilities)

@@ -6,6 +6,7 @@ returns ``B x num_classes`` logits.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,10 +57,16 @@ def _conv_block(in_channels: int, out_channels: int, *, batch_norm: bool) -> lis
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         ]
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    ]
 
 
-def _small_cnn(num_classes: int, image_size: int, *, batch_norm: bool, dropout: float) -> nn.Sequential:
+def _small_cnn(
+    num_classes: int, image_size: int, *, batch_norm: bool, dropout: float
+) -> nn.Sequential:
     """Three conv/max-pool stages (32, 64, 128 channels) and a 128-unit dense layer."""
     if image_size % 8:
         raise ValueError(f"the small CNNs need an image size divisible by 8, got {image_size}")
@@ -95,12 +102,16 @@ class VGG16Classifier(nn.Module):
     autograd, which is what makes head-only and shallow fine-tuning cheap.
     """
 
-    def __init__(self, features: nn.Sequential, num_classes: int, dropout: float, finetune_blocks: int):
+    def __init__(
+        self, features: nn.Sequential, num_classes: int, dropout: float, finetune_blocks: int
+    ):
         super().__init__()
         blocks = _split_vgg_blocks(features)
         frozen_count = VGG16_BLOCKS - finetune_blocks
         self.frozen = nn.Sequential(*[layer for block in blocks[:frozen_count] for layer in block])
-        self.trainable = nn.Sequential(*[layer for block in blocks[frozen_count:] for layer in block])
+        self.trainable = nn.Sequential(
+            *[layer for block in blocks[frozen_count:] for layer in block]
+        )
         self.frozen.requires_grad_(False)
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
@@ -141,7 +152,8 @@ def load_vgg16_features(weights: str) -> nn.Sequential:
     for layer in features:
         if isinstance(layer, nn.Conv2d):  # torchvision's VGG initialisation
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     if weights != "none":
         path = Path(weights)
         if not path.is_file():
@@ -149,11 +161,13 @@ def load_vgg16_features(weights: str) -> nn.Sequential:
         state = torch.load(path, map_location="cpu", weights_only=True)
         prefix = "features."
         if any(key.startswith(prefix) for key in state):
-            state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            state = {
+                key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
+            }
         features.load_state_dict(state)
     first = features[0]
-    assert isinstance(first, nn.Conv2d)
-    gray = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding)
+    assert isinstance(first, nn.Conv2d) and first.kernel_size == (3, 3)
+    gray = nn.Conv2d(1, first.out_channels, kernel_size=3, padding=1)
     with torch.no_grad():
         gray.weight.copy_(first.weight.sum(dim=1, keepdim=True))
         assert first.bias is not None and gray.bias is not None
@@ -189,6 +203,10 @@ def resolve_vgg16_weights(spec: str) -> str:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"vgg16 weights file not found: {path}")
+        try:  # load once here, so a bad file fails the sweep and not every trial
+            load_vgg16_features(str(path))
+        except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+            raise WeightsUnavailableError(f"{path} is not a VGG16 state dict: {error}") from error
         return str(path)
 
     from torchvision.models import VGG16_Weights

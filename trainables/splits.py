@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from cxrtune.trainables.data import Dataset, DataError
+from cxrtune.trainables.data import DataError, Dataset
 
 SPLITS = ("train", "val", "test")
 

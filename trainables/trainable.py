@@ -72,10 +72,16 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         started = time.perf_counter()
         order = epoch_indices(data.train_labels, trial.imbalance, generator)
         train_loss = train_one_epoch(
-            model, optimizer, train_images, train_labels, order,
-            batch_size=trial.batch_size, class_weights=class_weights,
-            augment_strength=trial.augment_strength, generator=generator,
-        )  # fmt: skip
+            model,
+            optimizer,
+            train_images,
+            train_labels,
+            order,
+            batch_size=trial.batch_size,
+            class_weights=class_weights,
+            augment_strength=trial.augment_strength,
+            generator=generator,
+        )
         val_loss, probabilities = evaluate(model, val_images, val_labels)
         scores = classification_metrics(
             data.val_labels, probabilities, data.class_names, data.positive_index
@@ -89,10 +95,16 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
         }
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(
-                Path(directory), model=model, optimizer=optimizer, config=trial, epoch=epoch,
-                generator=generator, class_names=data.class_names,
-                image_size=data.image_size, metrics=metrics,
-            )  # fmt: skip
+                Path(directory),
+                model=model,
+                optimizer=optimizer,
+                config=trial,
+                epoch=epoch,
+                generator=generator,
+                class_names=data.class_names,
+                image_size=data.image_size,
+                metrics=metrics,
+            )
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
@@ -128,6 +140,9 @@ def _assigned_cpus() -> int:
 def _trial_device() -> torch.device:
     import ray
 
-    if ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0 and torch.cuda.is_available():
+    if (
+        ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0
+        and torch.cuda.is_available()
+    ):
         return torch.device("cuda")
     return torch.device("cpu")

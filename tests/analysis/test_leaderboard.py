@@ -46,10 +46,15 @@ def make_experiment(root: Path) -> Path:
     write_splits(dataset, splits, experiment / "splits.csv")
     (experiment / "sweep.yaml").write_text("scheduler_metric: val_macro_auc\nweights: none\n")
     DatasetInfo(
-        root=str(root / "data"), synthetic=True, layout="imagefolder", cache_path=str(cache),
-        image_size=SIZE, class_names=list(CLASSES), positive_class="COVID",
+        root=str(root / "data"),
+        synthetic=True,
+        layout="imagefolder",
+        cache_path=str(cache),
+        image_size=SIZE,
+        class_names=list(CLASSES),
+        positive_class="COVID",
         split_counts={"train": {"COVID": 12}, "val": {"COVID": 4}, "test": {"COVID": 4}},
-    ).write(experiment / "dataset.json")  # fmt: skip
+    ).write(experiment / "dataset.json")
 
     # (trial, family, per-epoch (val_covid_recall, val_macro_auc))
     trials = [
@@ -69,14 +74,25 @@ def make_experiment(root: Path) -> Path:
             name = f"checkpoint_{epoch - 1:06d}"
             (directory / name).mkdir()
             save_checkpoint(
-                directory / name, model=model, optimizer=torch.optim.Adam(model.parameters()),
-                config=config, epoch=epoch, generator=torch.Generator(), class_names=CLASSES,
-                image_size=SIZE, metrics={},
-            )  # fmt: skip
+                directory / name,
+                model=model,
+                optimizer=torch.optim.Adam(model.parameters()),
+                config=config,
+                epoch=epoch,
+                generator=torch.Generator(),
+                class_names=CLASSES,
+                image_size=SIZE,
+                metrics={},
+            )
             rows.append(
-                {"trial_id": trial_id, "epoch": epoch, "val_covid_recall": recall,
-                 "val_macro_auc": auc, "checkpoint_dir_name": name}
-            )  # fmt: skip
+                {
+                    "trial_id": trial_id,
+                    "epoch": epoch,
+                    "val_covid_recall": recall,
+                    "val_macro_auc": auc,
+                    "checkpoint_dir_name": name,
+                }
+            )
         (directory / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     broken = experiment / "t4_vgg16"
@@ -92,7 +108,8 @@ def test_trials_rank_on_the_validation_metrics_of_their_best_epoch(tmp_path: Pat
     leaderboard = build_leaderboard(read_experiment(make_experiment(tmp_path)))
     ranked = leaderboard.ranked
     assert list(ranked.columns) == list(COLUMNS)
-    # Best epochs by val_macro_auc: t1 epoch 2 (0.75, 0.80), t2 epoch 2 (0.50, 0.90), t3 (0.25, 0.65).
+    # Best epochs by val_macro_auc: t1 epoch 2 (0.75, 0.80), t2 epoch 2 (0.50, 0.90),
+    # t3 epoch 1 (0.25, 0.65).
     assert ranked["trial_id"].tolist() == ["t1", "t2", "t3"]
     assert ranked["best_epoch"].tolist() == [2, 2, 1]
     assert ranked["epochs"].tolist() == [3, 2, 1]
@@ -114,12 +131,16 @@ def test_test_metrics_come_from_the_chosen_checkpoint_on_the_test_split(tmp_path
     assert 0.0 <= row["test_accuracy"] <= 1.0
 
 
-def test_cached_test_evaluations_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_test_evaluations_are_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     experiment = make_experiment(tmp_path)
     first = build_leaderboard(read_experiment(experiment))
     import cxrtune.analysis.test_evaluation as test_evaluation
 
-    monkeypatch.setattr(test_evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("re-evaluated"))
+    monkeypatch.setattr(
+        test_evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("re-evaluated")
+    )
     second = build_leaderboard(read_experiment(experiment))
     pd.testing.assert_frame_equal(first.ranked, second.ranked)
 
@@ -150,9 +171,12 @@ def test_the_header_says_the_data_are_synthetic(tmp_path: Path) -> None:
 
 def test_best_epoch_skips_epochs_whose_checkpoint_was_not_kept() -> None:
     results = pd.DataFrame(
-        {"epoch": [1, 2, 3], "val_macro_auc": [0.7, 0.9, 0.8],
-         "checkpoint_dir_name": ["checkpoint_000000", None, "checkpoint_000002"]}
-    )  # fmt: skip
+        {
+            "epoch": [1, 2, 3],
+            "val_macro_auc": [0.7, 0.9, 0.8],
+            "checkpoint_dir_name": ["checkpoint_000000", None, "checkpoint_000002"],
+        }
+    )
     best = best_epoch_row(results, "val_macro_auc", "max")
     assert best is not None and best["epoch"] == 3
 
@@ -162,7 +186,7 @@ def test_best_epoch_of_a_trial_without_results_is_none() -> None:
 
 
 def test_a_folder_that_is_not_an_experiment_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ExperimentError, match="sweep.yaml is missing"):
+    with pytest.raises(ExperimentError, match=r"sweep\.yaml is missing"):
         read_experiment(tmp_path)
 
 

@@ -25,7 +25,9 @@ def sample_configs(space_name: str, families: tuple[str, ...], trials: int) -> l
 
 @pytest.mark.parametrize("space_name", sorted(SPACES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_space_yields_valid_trial_configs_for_every_family(space_name: str, family: str) -> None:
+def test_every_space_yields_valid_trial_configs_for_every_family(
+    space_name: str, family: str
+) -> None:
     for values in sample_configs(space_name, (family,), trials=8):
         config = TrialConfig.from_dict(values)
         assert config.family == family
@@ -72,5 +74,7 @@ def test_spaces_do_not_import_ray_or_torch() -> None:
     import subprocess
 
     code = "import sys, cxrtune.spaces; print('ray' in sys.modules, 'torch' in sys.modules)"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert output.stdout.split() == ["False", "False"]

@@ -14,17 +14,28 @@ def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_pa
     weights = tmp_path / "vgg16.pt"
     torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), weights)
     config = TrialConfig(
-        family="vgg16", lr=1e-4, batch_size=8, imbalance="none", finetune_blocks=1, weights=str(weights)
+        family="vgg16",
+        lr=1e-4,
+        batch_size=8,
+        imbalance="none",
+        finetune_blocks=1,
+        weights=str(weights),
     )
     model = create_model(config, num_classes=3, image_size=32)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     directory = tmp_path / "checkpoint_000001"
     directory.mkdir()
     save_checkpoint(
-        directory, model=model, optimizer=optimizer, config=config, epoch=3,
-        generator=torch.Generator().manual_seed(1), class_names=("A", "B", "C"),
-        image_size=32, metrics={"val_macro_auc": 0.75},
-    )  # fmt: skip
+        directory,
+        model=model,
+        optimizer=optimizer,
+        config=config,
+        epoch=3,
+        generator=torch.Generator().manual_seed(1),
+        class_names=("A", "B", "C"),
+        image_size=32,
+        metrics={"val_macro_auc": 0.75},
+    )
     weights.unlink()  # the copy a user moves elsewhere has no access to the original file
 
     restored, restored_config, state = model_from_checkpoint(directory)

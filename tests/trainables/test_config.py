@@ -42,7 +42,13 @@ def test_a_wrong_type_is_an_error_naming_the_key(key: str, value: object) -> Non
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("family", "resnet"), ("imbalance", "smote"), ("dropout", 1.0), ("finetune_blocks", 6), ("lr", 0.0)],
+    [
+        ("family", "resnet"),
+        ("imbalance", "smote"),
+        ("dropout", 1.0),
+        ("finetune_blocks", 6),
+        ("lr", 0.0),
+    ],
 )
 def test_an_out_of_range_value_is_an_error(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):

@@ -18,7 +18,9 @@ from cxrtune.trainables.data import (
 from tests.conftest import write_png
 
 
-def test_an_image_folder_becomes_uint8_n_by_1_by_h_by_w(make_image_folder: Callable[..., Path]) -> None:
+def test_an_image_folder_becomes_uint8_n_by_1_by_h_by_w(
+    make_image_folder: Callable[..., Path],
+) -> None:
     root = make_image_folder({"COVID": 3, "Normal": 5})
     dataset, _ = load_image_folder(root, 16)
     assert dataset.images.shape == (8, 1, 16, 16)
@@ -173,5 +175,5 @@ def test_the_positive_class_matches_common_spellings(names: tuple[str, ...], exp
 
 
 def test_a_missing_positive_class_is_an_error_listing_the_classes() -> None:
-    with pytest.raises(DataError, match="no class matches.*Normal"):
+    with pytest.raises(DataError, match=r"no class matches.*Normal"):
         find_positive_class(("Normal", "Pneumonia"), "COVID")

@@ -45,9 +45,13 @@ def test_training_epochs_lower_the_loss_and_separate_the_classes() -> None:
     generator = torch.Generator().manual_seed(0)
     losses = [
         train_one_epoch(
-            model, optimizer, images, labels, torch.randperm(len(labels), generator=generator),
+            model,
+            optimizer,
+            images,
+            labels,
+            torch.randperm(len(labels), generator=generator),
             batch_size=16,
-        )  # fmt: skip
+        )
         for _ in range(6)
     ]
     assert losses[-1] < losses[0]

@@ -24,7 +24,9 @@ def test_metrics_match_scikit_learn(seed: int) -> None:
     metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
     predictions = probabilities.argmax(axis=1)
     assert metrics["covid_recall"] == pytest.approx(recall_score(labels == 0, predictions == 0))
-    assert metrics["covid_precision"] == pytest.approx(precision_score(labels == 0, predictions == 0))
+    assert metrics["covid_precision"] == pytest.approx(
+        precision_score(labels == 0, predictions == 0)
+    )
     assert metrics["macro_auc"] == pytest.approx(
         roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
     )

@@ -36,7 +36,9 @@ def test_every_registered_model_maps_a_gray_batch_to_class_logits(family: str) -
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_every_registered_model_gets_gradients_in_its_trainable_parameters(family: str) -> None:
-    model = create_model(config_for(family, finetune_blocks=1), num_classes=4, image_size=IMAGE_SIZE)
+    model = create_model(
+        config_for(family, finetune_blocks=1), num_classes=4, image_size=IMAGE_SIZE
+    )
     model(torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE)).sum().backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
@@ -59,7 +61,9 @@ def test_vgg16_trains_exactly_the_last_finetune_blocks(finetune_blocks: int) -> 
 
 
 def test_vgg16_frozen_blocks_run_without_autograd() -> None:
-    model = create_model(config_for("vgg16", finetune_blocks=0), num_classes=4, image_size=IMAGE_SIZE)
+    model = create_model(
+        config_for("vgg16", finetune_blocks=0), num_classes=4, image_size=IMAGE_SIZE
+    )
     seen = {}
     model.head.register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
     model(torch.randn(1, 1, IMAGE_SIZE, IMAGE_SIZE, requires_grad=True))
@@ -75,7 +79,9 @@ def test_vgg16_loads_a_state_dict_file_and_sums_the_rgb_kernels(tmp_path: Path, 
     path = tmp_path / "vgg16.pt"
     torch.save(state, path)
 
-    model = create_model(config_for("vgg16", weights=str(path)), num_classes=4, image_size=IMAGE_SIZE)
+    model = create_model(
+        config_for("vgg16", weights=str(path)), num_classes=4, image_size=IMAGE_SIZE
+    )
     first = model.frozen[0]
     expected = reference.features[0].weight.sum(dim=1, keepdim=True)
     assert first.weight.shape == (64, 1, 3, 3)
@@ -90,11 +96,13 @@ def test_vgg16_gray_input_matches_the_rgb_network_on_a_gray_image(tmp_path: Path
     features = models.load_vgg16_features(str(path))
     gray = torch.rand(1, 1, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
-        assert torch.allclose(features(gray), reference.features(gray.expand(1, 3, -1, -1)), atol=1e-4)
+        assert torch.allclose(
+            features(gray), reference.features(gray.expand(1, 3, -1, -1)), atol=1e-4
+        )
 
 
 def test_a_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         resolve_vgg16_weights(str(tmp_path / "missing.pt"))
 
 
@@ -107,7 +115,7 @@ def test_imagenet_weights_offline_stop_with_instructions(
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(WeightsUnavailableError, match="checkpoints/vgg16-397923af.pth"):
+    with pytest.raises(WeightsUnavailableError, match=r"checkpoints/vgg16-397923af\.pth"):
         resolve_vgg16_weights("imagenet")
 
 
@@ -132,3 +140,20 @@ def test_an_unknown_family_lists_the_known_ones() -> None:
 def test_registering_a_family_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("vgg16")(lambda config, classes, size: torch.nn.Identity())
+
+
+def test_a_weights_file_that_is_not_a_vgg16_state_dict_is_refused_up_front(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="garbage"):
+        resolve_vgg16_weights(str(garbage))
+    wrong = tmp_path / "resnet.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
+    with pytest.raises(WeightsUnavailableError, match="resnet"):
+        resolve_vgg16_weights(str(wrong))
+
+
+def test_a_valid_weights_file_resolves_to_its_absolute_path(tmp_path: Path) -> None:
+    path = tmp_path / "vgg.pt"
+    torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), path)
+    assert resolve_vgg16_weights(str(path)) == str(path.resolve())

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrtune.trainables.data import Dataset, DataError
+from cxrtune.trainables.data import DataError, Dataset
 from cxrtune.trainables.splits import read_splits, stratified_split, write_splits
 
 LABELS = np.repeat([0, 1, 2, 3], [40, 120, 160, 80])

@@ -1,0 +1,181 @@
+"""Real sweeps on a local Ray instance bound to 127.0.0.1, with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cxrtune.analysis.experiment import read_experiment
+from cxrtune.analysis.leaderboard import build_leaderboard
+from cxrtune.search.config import load_sweep_config
+from cxrtune.search.sweep import run_sweep
+from cxrtune.spaces import SPACES, register_space
+from cxrtune.spaces._spaces import QUICK_RANGES, sample_family_config
+from cxrtune.trainables.checkpoints import read_checkpoint
+from cxrtune.trainables.data import read_cache
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+FAMILIES = {"baseline_cnn", "regularized_cnn", "vgg16"}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    import ray
+
+    from cxrtune.search.sweep import start_ray
+
+    start_ray(address=None)
+    yield
+    ray.shutdown()
+
+
+def intensity_baseline_auc(cache_path: Path) -> float:
+    """Macro AUC of a logistic regression on per-image (mean, std): what 'trivial' reaches."""
+    dataset = read_cache(cache_path)
+    pixels = dataset.images.reshape(len(dataset.labels), -1).astype(np.float64)
+    features = np.stack([pixels.mean(axis=1), pixels.std(axis=1)], axis=1)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    probabilities = cross_val_predict(
+        model, features, dataset.labels, cv=folds, method="predict_proba"
+    )
+    return float(roc_auc_score(dataset.labels, probabilities, multi_class="ovr"))
+
+
+def test_the_quickstart_ranks_all_three_families_and_beats_the_intensity_baseline(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxrtune.search.cli",
+            "sweep",
+            str(REPO / "sweeps/quickstart.yaml"),
+            "--set",
+            f"storage_path={tmp_path}",
+            "--name",
+            "quickstart",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Leaderboard written" in result.stdout
+    experiment = tmp_path / "quickstart"
+    leaderboard = pd.read_csv(experiment / "leaderboard.csv")
+    assert set(leaderboard["family"]) == FAMILIES
+    assert leaderboard["rank"].tolist() == list(range(1, len(leaderboard) + 1))
+
+    trivial = intensity_baseline_auc(Path(read_experiment(experiment).dataset.cache_path))
+    assert trivial < 0.75
+    best = leaderboard["test_macro_auc"].max()
+    assert best > trivial + 0.1, f"best trial test macro AUC {best:.3f} vs trivial {trivial:.3f}"
+
+    for results in experiment.glob("*/result.json"):
+        for line in results.read_text().splitlines():
+            assert not [key for key in json.loads(line) if key.startswith("test_")]
+    checkpoints = list(experiment.glob("*/checkpoint_*/checkpoint.pt"))
+    assert checkpoints
+    state = read_checkpoint(checkpoints[0])
+    assert state["trial_config"]["family"] in FAMILIES
+
+
+def write_user_dataset(root: Path) -> None:
+    """A small real-world-shaped folder: spaces, nesting, RGB and 16-bit PNGs, JPEGs."""
+    rng = np.random.default_rng(0)
+    classes = {"COVID-19": 14, "Lung Opacity": 14, "Normal": 16, "Viral Pneumonia": 14}
+    for class_index, (name, count) in enumerate(classes.items()):
+        for index in range(count):
+            base = rng.integers(0, 120, (40, 40)).astype(np.float64)
+            base[5 + class_index * 8 : 12 + class_index * 8, 8:32] += 120  # a class-specific band
+            folder = root / name / ("site b" if index % 2 else "site a") / "scans"
+            folder.mkdir(parents=True, exist_ok=True)
+            if index % 3 == 0:
+                rgb = np.repeat(base[..., None], 3, axis=2).clip(0, 255).astype(np.uint8)
+                Image.fromarray(rgb).save(folder / f"img {index}.png")
+            elif index % 3 == 1:
+                Image.fromarray((base * 16).astype(np.uint16)).save(folder / f"img {index}.png")
+            else:
+                Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(
+                    folder / f"img {index}.jpg"
+                )
+
+
+def test_a_user_image_folder_sweeps_and_ranks(tmp_path: Path, local_ray: None) -> None:
+    data = tmp_path / "my xrays"
+    write_user_dataset(data)
+    config = load_sweep_config(
+        None,
+        [
+            f"data={data}",
+            f"storage_path={tmp_path / 'results'}",
+            "image_size=32",
+            "num_samples=3",
+            "max_epochs=1",
+            "grace_period=1",
+            "space=quick",
+        ],
+    )
+    outcome = run_sweep(config, name="mine")
+    assert outcome.errored == 0
+    leaderboard = build_leaderboard(read_experiment(outcome.experiment_dir))
+    assert set(leaderboard.ranked["family"]) == FAMILIES
+    assert leaderboard.ranked["test_macro_auc"].notna().all()
+    splits = pd.read_csv(outcome.experiment_dir / "splits.csv")
+    assert len(splits) == 58 and set(splits["split"]) == {"train", "val", "test"}
+    assert "COVID-19/site a/scans/img 0.png" in set(splits["path"])
+
+
+@pytest.fixture
+def misconfigured_space() -> Iterator[str]:
+    """A space that hands trials a key TrialConfig does not know, so every trial errors."""
+    name = "test_misconfigured"
+
+    @register_space(name)
+    def space(trial, families):  # type: ignore[no-untyped-def]
+        return {**sample_family_config(trial, families, QUICK_RANGES), "drop_out": 0.5}
+
+    yield name
+    del SPACES[name]
+
+
+def test_errored_trials_are_listed_apart_with_their_error(
+    tmp_path: Path, local_ray: None, misconfigured_space: str
+) -> None:
+    config = load_sweep_config(
+        None,
+        [
+            f"storage_path={tmp_path}",
+            "image_size=32",
+            "num_samples=1",
+            "max_epochs=1",
+            "grace_period=1",
+            f"space={misconfigured_space}",
+            "families=[baseline_cnn]",
+            "max_failures=0",
+            "synthetic.n=100",
+            "synthetic.size=32",
+        ],
+    )
+    outcome = run_sweep(config, name="broken")
+    assert outcome.errored == 1
+    leaderboard = build_leaderboard(read_experiment(outcome.experiment_dir))
+    assert leaderboard.ranked.empty
+    assert len(leaderboard.failed) == 1
+    assert "drop_out" in leaderboard.failed.loc[0, "error"]

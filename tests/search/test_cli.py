@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cxrtune.search.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
+
+COMMANDS = [["sweep"], ["leaderboard"], ["data"], ["data", "synth"]]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cxrtune.search.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda c: " ".join(c) or "cxrtune")
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: cxrtune" in capsys.readouterr().out
+
+
+def test_help_does_not_import_ray_or_torch() -> None:
+    code = (
+        "import sys\nfrom cxrtune.search.cli import build_parser\n"
+        "build_parser().format_help()\nprint('ray' in sys.modules, 'torch' in sys.modules)"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert output.stdout.split() == ["False", "False"]
+
+
+def test_an_unknown_sweep_key_exits_2_naming_it_without_a_traceback(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("num_sampels: 4\n")
+    result = run_cli("sweep", str(sweep))
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "num_sampels" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_dataset_without_a_covid_class_exits_2_before_any_trial(
+    make_image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    root = make_image_folder({"Normal": 10, "Pneumonia": 10})
+    result = run_cli("sweep", "--data", str(root), "--set", f"storage_path={tmp_path / 'out'}")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "no class matches the positive class 'COVID'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Ray" not in result.stdout + result.stderr
+
+
+def test_a_folder_that_is_not_an_experiment_exits_2(tmp_path: Path) -> None:
+    result = run_cli("leaderboard", str(tmp_path))
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "not a cxrtune experiment dir" in result.stderr
+
+
+def test_data_synth_writes_a_labelled_synthetic_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "synthetic"
+    assert main(["data", "synth", str(target), "--n", "40", "--size", "32"]) == EXIT_OK
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert sum(1 for _ in target.rglob("*.png")) == 40
+    assert (target / "SYNTHETIC.txt").is_file()
+
+
+def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("data", "synth", str(tmp_path), "--n", "40")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert (tmp_path / "keep.txt").read_text() == "mine"
