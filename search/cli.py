@@ -164,6 +164,10 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxrtune`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "sweep" and not args.address:
+        from cxrtune.search.sweep import use_loopback_ray
+
+        use_loopback_ray()
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

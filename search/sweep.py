@@ -139,14 +139,38 @@ def write_experiment_files(directory: Path, config: SweepConfig, prepared: Prepa
     write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE)
 
 
+# Read by Ray when it is imported, so they are set before the first ``import ray``.
+LOOPBACK_RAY_ENVIRONMENT = {
+    # Otherwise Ray swaps 127.0.0.1 for the machine's outward address and its servers
+    # listen on every interface. This is the switch Ray itself uses to keep a laptop's
+    # single-node instance on loopback.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+# Read when a sweep starts.
+QUIET_TUNE_ENVIRONMENT = {
+    # The legacy reporter at verbosity 0 prints nothing; the sweep prints its own progress.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # A checkpoint every epoch is intended, not a misconfiguration to warn about.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def use_loopback_ray() -> None:
+    """Keep a locally started Ray on 127.0.0.1; call before Ray is first imported."""
+    for name, value in LOOPBACK_RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def start_ray(address: str | None) -> None:
     """Connect to a running cluster at ``address``, or start a private local one on loopback."""
+    if not address:
+        use_loopback_ray()
+    for name, value in QUIET_TUNE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
     import optuna
     import ray
 
-    # The sweep prints its own progress; Ray's legacy reporter at verbosity 0 and
-    # Optuna at WARNING keep their chatter out of it.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("ray").setLevel(logging.WARNING)
     if ray.is_initialized():

@@ -1,7 +1,7 @@
 """The checkpoint file a trial writes each epoch, and how to read it back.
 
 One ``checkpoint.pt`` per checkpoint directory holds the model and optimizer
-state, the epoch, the random generator, the resolved ``TrialConfig`` and what the
+state, the epoch, the random number states, the resolved ``TrialConfig`` and what the
 model needs to be rebuilt (class names, image size). It contains only tensors
 and builtins, so it loads with ``torch.load(weights_only=True)``.
 """
@@ -41,6 +41,9 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "generator": generator.get_state(),
+            # Dropout draws from torch's global generator; saving it makes a resumed
+            # trial continue exactly where the interrupted one stopped.
+            "torch_rng": torch.get_rng_state(),
             "trial_config": config.to_dict(),
             "class_names": list(class_names),
             "image_size": image_size,

@@ -30,7 +30,7 @@ def to_model_input(
     batch = images.float().div_(255.0)
     if augment_strength > 0:
         batch = augment_batch(batch, augment_strength, generator)
-    return (batch - GRAY_MEAN) / GRAY_STD
+    return ((batch - GRAY_MEAN) / GRAY_STD).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_indices(labels: np.ndarray, imbalance: str, generator: torch.Generator) -> torch.Tensor:

@@ -50,8 +50,8 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     from ray import tune
 
     trial = TrialConfig.from_dict(config)
-    device = _trial_device()
-    torch.set_num_threads(_assigned_cpus())
+    threads, device = assigned_resources()
+    torch.set_num_threads(threads)
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)
     model = create_model(trial, len(data.class_names), data.image_size).to(device)
@@ -59,10 +59,11 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     completed_epochs = 0
     if checkpoint := tune.get_checkpoint():
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(Path(directory), device)
+            state = read_checkpoint(Path(directory))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
         completed_epochs = state["epoch"]
 
     train_images, train_labels = _on_device(data.train_images, data.train_labels, device)
@@ -130,19 +131,11 @@ def _on_device(
     return image_tensor.to(device), torch.as_tensor(labels, dtype=torch.long, device=device)
 
 
-def _assigned_cpus() -> int:
+def assigned_resources() -> tuple[int, torch.device]:
+    """The CPU threads and the device Ray gave this trial."""
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    return max(1, int(cpus))
-
-
-def _trial_device() -> torch.device:
-    import ray
-
-    if (
-        ray.get_runtime_context().get_assigned_resources().get("GPU", 0) > 0
-        and torch.cuda.is_available()
-    ):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    threads = max(1, int(assigned.get("CPU", 1.0)))
+    use_gpu = assigned.get("GPU", 0) > 0 and torch.cuda.is_available()
+    return threads, torch.device("cuda" if use_gpu else "cpu")

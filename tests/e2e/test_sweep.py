@@ -43,6 +43,12 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
+def test_the_local_ray_instance_lives_on_loopback(local_ray: None) -> None:
+    import ray
+
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+
+
 def intensity_baseline_auc(cache_path: Path) -> float:
     """Macro AUC of a logistic regression on per-image (mean, std): what 'trivial' reaches."""
     dataset = read_cache(cache_path)
