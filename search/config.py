@@ -16,9 +16,8 @@ from typing import Any, Union
 
 import yaml
 
-from cxrtune.spaces import get_space
+from cxrtune.spaces import FAMILIES, get_space
 
-FAMILIES = ("baseline_cnn", "regularized_cnn", "vgg16")
 SAMPLERS = ("tpe", "nsga2")
 # Metrics a sweep may optimise or schedule on; they are what every trial reports.
 SEARCHABLE_METRICS = (

@@ -9,10 +9,18 @@ neither Ray nor torch.
 from cxrtune.spaces import _spaces  # noqa: F401  (registers the built-in spaces)
 from cxrtune.spaces._registry import (
     FAMILIES,
+    IMBALANCE_STRATEGIES,
     SPACES,
     SpaceFunction,
     get_space,
     register_space,
 )
 
-__all__ = ["FAMILIES", "SPACES", "SpaceFunction", "get_space", "register_space"]
+__all__ = [
+    "FAMILIES",
+    "IMBALANCE_STRATEGIES",
+    "SPACES",
+    "SpaceFunction",
+    "get_space",
+    "register_space",
+]

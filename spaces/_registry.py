@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-# The three architecture families, in the order of the original study.
+# The three architecture families, in the order of the original study. The one list
+# of them: the model registry, the trial config and the sweep file all check against it.
 FAMILIES: tuple[str, ...] = ("baseline_cnn", "regularized_cnn", "vgg16")
+# How a trial counters class imbalance: not at all, by resampling, or by loss weights.
+IMBALANCE_STRATEGIES: tuple[str, ...] = ("none", "oversample", "class_weight")
 
 
 class SpaceFunction(Protocol):

@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cxrtune.spaces._registry import FAMILIES, register_space
-
-IMBALANCE_STRATEGIES = ("none", "oversample", "class_weight")
+from cxrtune.spaces._registry import FAMILIES, IMBALANCE_STRATEGIES, register_space
 
 
 @dataclass(frozen=True)

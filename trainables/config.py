@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-FAMILY_NAMES = ("baseline_cnn", "regularized_cnn", "vgg16")
-IMBALANCE_STRATEGIES = ("none", "oversample", "class_weight")
+from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
+
 OPTIMIZERS = ("adam", "adamw")
 VGG16_BLOCKS = 5
 
@@ -40,7 +40,7 @@ class TrialConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require_choice("family", self.family, FAMILY_NAMES)
+        _require_choice("family", self.family, FAMILIES)
         _require_choice("imbalance", self.imbalance, IMBALANCE_STRATEGIES)
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_range("lr", self.lr, 0.0, 1.0, low_open=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from cxrtune.spaces import FAMILIES
 from cxrtune.trainables import models
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.models import (
@@ -157,3 +158,7 @@ def test_a_valid_weights_file_resolves_to_its_absolute_path(tmp_path: Path) -> N
     path = tmp_path / "vgg.pt"
     torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), path)
     assert resolve_vgg16_weights(str(path)) == str(path.resolve())
+
+
+def test_the_model_registry_covers_exactly_the_families_the_spaces_search() -> None:
+    assert set(MODELS) == set(FAMILIES)
