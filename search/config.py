@@ -19,6 +19,7 @@ import yaml
 from cxrtune.spaces import FAMILIES, get_space
 
 SAMPLERS = ("tpe", "nsga2")
+GROUPINGS = ("patient", "source", "none")
 # Metrics a sweep may optimise or schedule on; they are what every trial reports.
 SEARCHABLE_METRICS = (
     "val_covid_recall",
@@ -67,11 +68,19 @@ class SweepConfig:
     """One sweep, as the sweep file describes it."""
 
     name: str = "sweep"  # experiment folder name prefix
-    data: str | None = None  # ImageFolder dataset folder; None = embedded synthetic set
+    data: str | None = None  # dataset folder or CSV manifest; None = embedded synthetic set
+    layout: str = "auto"  # dataset layout: "auto" or a registered layout name
+    group_by: str = "patient"  # keep a "patient" or "source" in one split ("none": images alone)
+    skip_bad_images: bool = (
+        False  # skip unreadable images (listed in the report) instead of stopping
+    )
+    drop_conflicting_duplicates: bool = False  # drop an image found under two labels, not stop
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked
     splits: SplitFractions = field(default_factory=SplitFractions)
+    target_specificity: float = 0.95  # the operating point: threshold chosen on val for this
+    bootstrap_resamples: int = 1000  # for the 95% confidence intervals of test metrics
     seed: int = 0  # splits, sampler and model initialisation
     space: str = "default"  # a registered search space
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
@@ -135,6 +144,14 @@ class SweepConfig:
         for key, value in positive.items():
             if value < 1:
                 raise SweepConfigError(f"{key}: must be at least 1, got {value}")
+        if self.group_by not in GROUPINGS:
+            raise SweepConfigError(
+                f"group_by: must be one of {list(GROUPINGS)}, got {self.group_by!r}"
+            )
+        if not 0.0 < self.target_specificity < 1.0:
+            raise SweepConfigError("target_specificity: must be in (0, 1)")
+        if self.bootstrap_resamples < 1000:
+            raise SweepConfigError("bootstrap_resamples: must be at least 1000")
         if self.max_failures < 0:
             raise SweepConfigError(f"max_failures: must be 0 or more, got {self.max_failures}")
         try:
