@@ -4,7 +4,8 @@ Layout, under ``storage_path/<experiment name>/``:
 
 - ``sweep.yaml``: the resolved sweep config;
 - ``dataset.json``: where the data came from, its cache, classes and counts;
-- ``splits.csv``: path, label and split of every image;
+- ``ingest_report.json`` and ``ingest_report.txt``: what ingest saw, skipped and refused;
+- ``splits.csv``: path, label, group, split and content hash of every image;
 - one folder per trial (Ray's): ``params.json``, ``result.json`` (one JSON line
   per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed;
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
@@ -23,6 +24,8 @@ import yaml
 SWEEP_FILE = "sweep.yaml"
 DATASET_FILE = "dataset.json"
 SPLITS_FILE = "splits.csv"
+INGEST_REPORT_JSON = "ingest_report.json"
+INGEST_REPORT_TEXT = "ingest_report.txt"
 LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_MD = "leaderboard.md"
 PARAMS_FILE = "params.json"
@@ -38,14 +41,19 @@ class ExperimentError(ValueError):
 class DatasetInfo:
     """What ``dataset.json`` records about the data a sweep used."""
 
-    root: str  # the dataset folder
+    root: str  # the dataset folder or manifest
     synthetic: bool  # the embedded synthetic set, not real X-rays
-    layout: str  # "imagefolder"
+    layout: str  # a registered dataset layout
     cache_path: str  # the decoded array cache
     image_size: int
     class_names: list[str]
     positive_class: str  # the folder name of the class whose recall is ranked
     split_counts: dict[str, dict[str, int]]  # split -> class -> images
+    grouping: str = "none"  # what kept images together: "patient", "source" or "none"
+    groups: int = 0  # groups split as units (patients or sources, joined by duplicates)
+    duplicate_images: int = 0  # images whose exact content occurs more than once
+    skipped_images: int = 0  # unreadable files left out
+    dropped_images: int = 0  # images left out for carrying two labels
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "sweep_file", nargs="?", type=Path, help="sweep YAML (default: built-in defaults)"
     )
-    sweep.add_argument("--data", help="dataset folder in ImageFolder layout (one folder per class)")
+    sweep.add_argument(
+        "--data",
+        help="dataset folder (one folder per class, or the Radiography Database) or CSV manifest",
+    )
+    add_ingest_options(sweep)
     sweep.add_argument(
         "--set",
         dest="overrides",
@@ -80,7 +84,72 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="pixels per side (default 128)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(handler=run_synth_command)
+
+    inspect = data_commands.add_parser(
+        "inspect",
+        help="report what ingest finds in a dataset: counts, sizes, groups, duplicates, bad files",
+        description="Decode a dataset as a sweep would (reusing the cache) and print the ingest "
+        "report. Exit code 2 when a sweep would refuse the dataset.",
+    )
+    inspect.add_argument("data", type=Path, help="dataset folder or CSV manifest")
+    inspect.add_argument(
+        "--size", type=int, default=64, help="resolution to decode at (default 64)"
+    )
+    add_ingest_options(inspect)
+    inspect.set_defaults(handler=run_inspect_command)
     return parser
+
+
+def add_ingest_options(parser: argparse.ArgumentParser) -> None:
+    """The options that decide how a dataset is read, shared by ``sweep`` and ``data inspect``."""
+    parser.add_argument(
+        "--layout", help="dataset layout: imagefolder, radiography or manifest (default: detect)"
+    )
+    parser.add_argument(
+        "--group-by",
+        choices=("patient", "source", "none"),
+        help="keep each patient (default) or source in one split",
+    )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave unreadable images out (they are listed) instead of stopping",
+    )
+    parser.add_argument(
+        "--drop-conflicting-duplicates",
+        action="store_true",
+        help="leave out every copy of an image found under two labels instead of stopping",
+    )
+
+
+def ingest_overrides(args: argparse.Namespace) -> list[str]:
+    """The ingest options given on the command line, as sweep-file overrides."""
+    overrides = []
+    if args.layout:
+        overrides.append(f"layout={args.layout}")
+    if args.group_by:
+        overrides.append(f"group_by={args.group_by}")
+    if args.skip_bad_images:
+        overrides.append("skip_bad_images=true")
+    if args.drop_conflicting_duplicates:
+        overrides.append("drop_conflicting_duplicates=true")
+    return overrides
+
+
+def run_inspect_command(args: argparse.Namespace) -> int:
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.sweep import ingest_with_progress
+    from cxrtune.trainables.data import DataError
+
+    config = load_sweep_config(None, [*ingest_overrides(args), f"image_size={args.size}"])
+    try:
+        _, report, cache_path, _ = ingest_with_progress(config, args.data)
+    except DataError as error:
+        print(f"cxrtune: the dataset would be refused: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report.to_text())
+    print(f"Cache: {cache_path}")
+    return EXIT_OK
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
@@ -93,7 +162,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + ingest_overrides(args)
     if args.data is not None:
         overrides.append(f"data={args.data}")
     config = load_sweep_config(args.sweep_file, overrides)

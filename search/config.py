@@ -17,6 +17,7 @@ from typing import Any, Union
 import yaml
 
 from cxrtune.spaces import FAMILIES, get_space
+from cxrtune.trainables.layouts import LAYOUTS
 
 SAMPLERS = ("tpe", "nsga2")
 GROUPINGS = ("patient", "source", "none")
@@ -144,6 +145,10 @@ class SweepConfig:
         for key, value in positive.items():
             if value < 1:
                 raise SweepConfigError(f"{key}: must be at least 1, got {value}")
+        if self.layout != "auto" and self.layout not in LAYOUTS:
+            raise SweepConfigError(
+                f"layout: unknown dataset layout {self.layout!r}; known: auto, {', '.join(LAYOUTS)}"
+            )
         if self.group_by not in GROUPINGS:
             raise SweepConfigError(
                 f"group_by: must be one of {list(GROUPINGS)}, got {self.group_by!r}"

@@ -17,6 +17,8 @@ import numpy as np
 
 from cxrtune.analysis.experiment import (
     DATASET_FILE,
+    INGEST_REPORT_JSON,
+    INGEST_REPORT_TEXT,
     SPLITS_FILE,
     SWEEP_FILE,
     DatasetInfo,
@@ -24,11 +26,12 @@ from cxrtune.analysis.experiment import (
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.trainables.data import (
     Dataset,
+    IngestReport,
     default_cache_dir,
     find_positive_class,
-    load_image_folder,
+    ingest,
 )
-from cxrtune.trainables.splits import SPLITS, SplitIndices, stratified_split, write_splits
+from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_splits, write_splits
 from cxrtune.trainables.trainable import TrialData
 
 
@@ -38,7 +41,9 @@ class PreparedData:
 
     dataset: Dataset
     splits: SplitIndices
+    groups: np.ndarray  # per image: images with one id never cross splits
     info: DatasetInfo
+    report: IngestReport
 
     def trial_data(self) -> TrialData:
         """Train and val arrays for the trials; the test split stays on the driver."""
@@ -72,22 +77,39 @@ def ensure_synthetic_data(config: SweepConfig) -> Path:
     return directory
 
 
-def prepare_data(config: SweepConfig) -> PreparedData:
-    """Decode (or reuse the cache of) the sweep's dataset, find the positive class, split."""
+def ingest_with_progress(
+    config: SweepConfig, data: Path
+) -> tuple[Dataset, IngestReport, Path, str]:
+    """Ingest the sweep's data with a progress bar; the layout it used is returned too."""
     from tqdm import tqdm
 
-    synthetic = config.data is None
-    root = ensure_synthetic_data(config) if synthetic else Path(config.data).expanduser().resolve()
     with tqdm(desc="Decoding images", unit="img", leave=False, file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        dataset, cache_path = load_image_folder(root, config.image_size, progress=progress)
+        result = ingest(
+            data,
+            config.image_size,
+            layout=config.layout,
+            skip_bad_images=config.skip_bad_images,
+            drop_conflicting_duplicates=config.drop_conflicting_duplicates,
+            progress=progress,
+        )
+    return result.dataset, result.report, result.cache_path, result.layout
+
+
+def prepare_data(config: SweepConfig) -> PreparedData:
+    """Decode (or reuse the cache of) the sweep's dataset, find the positive class, split."""
+    synthetic = config.data is None
+    root = ensure_synthetic_data(config) if synthetic else Path(config.data).expanduser().resolve()
+    dataset, report, cache_path, layout = ingest_with_progress(config, root)
     positive_index = find_positive_class(dataset.class_names, config.positive_class)
-    splits = stratified_split(
-        dataset.labels,
+    groups = group_ids(dataset, config.group_by)
+    splits = make_splits(
+        dataset,
+        groups,
         val_fraction=config.splits.val,
         test_fraction=config.splits.test,
         seed=config.seed,
@@ -103,17 +125,23 @@ def prepare_data(config: SweepConfig) -> PreparedData:
         }
         for split in SPLITS
     }
+    known = {"patient": report.patients, "source": report.sources, "none": 0}[config.group_by]
     info = DatasetInfo(
         root=str(root),
         synthetic=synthetic,
-        layout="imagefolder",
+        layout=layout,
         cache_path=str(cache_path),
         image_size=config.image_size,
         class_names=list(dataset.class_names),
         positive_class=dataset.class_names[positive_index],
         split_counts=counts,
+        grouping=config.group_by if known else "none",
+        groups=len(np.unique(groups)),
+        duplicate_images=report.duplicate_images,
+        skipped_images=report.skipped,
+        dropped_images=report.dropped_conflicting,
     )
-    return PreparedData(dataset=dataset, splits=splits, info=info)
+    return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
 
 
 def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path, str]:
@@ -136,7 +164,9 @@ def write_experiment_files(directory: Path, config: SweepConfig, prepared: Prepa
     directory.mkdir(parents=True, exist_ok=True)
     write_sweep_config(config, directory / SWEEP_FILE)
     prepared.info.write(directory / DATASET_FILE)
-    write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE)
+    (directory / INGEST_REPORT_JSON).write_text(prepared.report.to_json())
+    (directory / INGEST_REPORT_TEXT).write_text(prepared.report.to_text() + "\n")
+    write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE, prepared.groups)
 
 
 # Read by Ray when it is imported, so they are set before the first ``import ray``.
@@ -225,7 +255,13 @@ def run_sweep(
 def describe_data(info: DatasetInfo) -> str:
     """One paragraph on the data a sweep uses: source, classes, split sizes."""
     source = "SYNTHETIC (embedded demo set, not real X-rays)" if info.synthetic else info.root
-    lines = [f"Data: {source}", f"  positive class: {info.positive_class}"]
+    lines = [
+        f"Data: {source} (layout {info.layout})",
+        f"  positive class: {info.positive_class}",
+        f"  split grouped by: {info.grouping} ({info.groups} groups); "
+        f"exact duplicates: {info.duplicate_images}; skipped: {info.skipped_images}; "
+        f"dropped as conflicting: {info.dropped_images}",
+    ]
     for split, counts in info.split_counts.items():
         listing = ", ".join(f"{name} {count}" for name, count in counts.items())
         lines.append(f"  {split:<5} {sum(counts.values()):5d} images ({listing})")

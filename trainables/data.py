@@ -1,10 +1,14 @@
-"""Dataset ingest and cache: an image folder becomes one uint8 array, once.
+"""Dataset ingest and cache: a dataset becomes one uint8 array, once.
 
-A dataset folder in ImageFolder layout (class = top folder, images anywhere
-below it) is decoded into ``N x 1 x H x W`` uint8 at the sweep's resolution,
-with labels, class names and source paths. The result is cached on disk under
-a fingerprint of the file list, sizes, mtimes and resolution, written
-atomically, and reused by every later sweep.
+A layout (``cxrtune.trainables.layouts``) lists the samples; each image is
+decoded to 8-bit grayscale, hashed (to find exact duplicates) and resized to
+the sweep's resolution, into ``N x 1 x H x W`` uint8. The decoded set is cached
+under a fingerprint of the sample list, file sizes, mtimes and resolution,
+written atomically and reused by every later sweep.
+
+Policy is applied after the cache: unreadable files stop the ingest (all listed)
+unless skipping is asked for, and an image found under two labels stops it
+unless such images are dropped. Nothing from a bad file reaches a trial.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ import json
 import os
 import re
 import tempfile
+import warnings
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+from cxrtune.trainables.dicom import DicomError, decode_dicom
+from cxrtune.trainables.layouts import Layout, LayoutError, Listing, detect_layout, get_layout
+
 # Bump when decoding changes, so caches written by older code are not reused.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 Progress = Callable[[int, int], None]
 
@@ -35,12 +43,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """A decoded dataset: images ``N x 1 x H x W`` uint8, integer labels, names, paths."""
+    """Decoded images ``N x 1 x H x W`` uint8, integer labels, and per-image facts."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
-    paths: tuple[str, ...]  # relative to the dataset root, POSIX separators
+    paths: tuple[str, ...]  # relative to the dataset root (or the manifest's folder)
+    hashes: tuple[str, ...] = ()  # content hash of the decoded full-size image
+    patients: tuple[str, ...] = ()  # "" where unknown
+    sources: tuple[str, ...] = ()
+    fixed_splits: tuple[str, ...] = ()  # a split the dataset itself fixes, else ""
 
     def __post_init__(self) -> None:
         count = len(self.labels)
@@ -48,8 +60,12 @@ class Dataset:
             raise ValueError(
                 f"images must be N x 1 x H x W with N = {count}, got {self.images.shape}"
             )
-        if len(self.paths) != count:
-            raise ValueError(f"{len(self.paths)} paths for {count} images")
+        for name in ("paths", "hashes", "patients", "sources", "fixed_splits"):
+            values = getattr(self, name)
+            if name != "paths" and not values:
+                object.__setattr__(self, name, ("",) * count)
+            elif len(values) != count:
+                raise ValueError(f"{len(values)} {name} for {count} images")
 
     @property
     def image_size(self) -> int:
@@ -59,6 +75,93 @@ class Dataset:
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(count) for name, count in zip(self.class_names, counts, strict=True)}
 
+    def select(self, keep: np.ndarray) -> Dataset:
+        """The images where ``keep`` (a boolean mask or indices) selects them."""
+        indices = np.flatnonzero(keep) if keep.dtype == bool else keep
+
+        def pick(values: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(values[index] for index in indices)
+
+        return Dataset(
+            images=self.images[indices],
+            labels=self.labels[indices],
+            class_names=self.class_names,
+            paths=pick(self.paths),
+            hashes=pick(self.hashes),
+            patients=pick(self.patients),
+            sources=pick(self.sources),
+            fixed_splits=pick(self.fixed_splits),
+        )
+
+
+@dataclass
+class IngestReport:
+    """What ingest saw and did: counts, sizes, modes, groups, duplicates, refused files."""
+
+    data: str
+    layout: str
+    classes: dict[str, int] = field(default_factory=dict)  # images per class, after policy
+    sizes: dict[str, int] = field(default_factory=dict)  # "W x H" -> images
+    modes: dict[str, int] = field(default_factory=dict)  # PIL mode (or DICOM) -> images
+    patients: int = 0  # distinct patient ids (0 = none given)
+    sources: int = 0
+    duplicate_sets: int = 0  # contents that occur more than once
+    duplicate_images: int = 0  # images in those sets
+    conflicts: list[list[str]] = field(default_factory=list)  # "path (label)" per shared content
+    dropped_conflicting: int = 0
+    bad_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> IngestReport:
+        return cls(**json.loads(text))
+
+    def to_text(self) -> str:
+        """The report as a person reads it (``cxrtune data inspect``)."""
+        total = sum(self.classes.values())
+        lines = [f"Data: {self.data}", f"Layout: {self.layout}", f"Images: {total}"]
+        lines += [f"  {name}: {count}" for name, count in self.classes.items()]
+        lines.append("Sizes: " + _top(self.sizes))
+        lines.append("Modes: " + _top(self.modes))
+        groups = [f"{self.patients} patients" if self.patients else "no patient ids"]
+        groups.append(f"{self.sources} sources" if self.sources else "no sources")
+        lines.append("Groups: " + ", ".join(groups))
+        lines.append(
+            f"Exact duplicates: {self.duplicate_sets} contents in {self.duplicate_images} images"
+            " (kept together in one split)"
+        )
+        if self.conflicts:
+            lines.append(f"Images under two labels: {len(self.conflicts)}")
+            lines += [f"  {' == '.join(paths)}" for paths in self.conflicts]
+            if self.dropped_conflicting:
+                lines.append(f"  dropped: {self.dropped_conflicting} images")
+        if self.bad_files:
+            verb = "skipped" if self.skipped else "refused"
+            lines.append(f"Unreadable files ({verb}): {len(self.bad_files)}")
+            lines += [f"  {bad['path']}: {bad['reason']}" for bad in self.bad_files]
+        lines += [f"Note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _top(counts: dict[str, int], shown: int = 5) -> str:
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    text = ", ".join(f"{key} ({count})" for key, count in ordered[:shown])
+    return text + (f", and {len(ordered) - shown} more" if len(ordered) > shown else "")
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """The result of ``ingest``."""
+
+    dataset: Dataset
+    report: IngestReport
+    cache_path: Path
+    layout: str
+
 
 def default_cache_dir() -> Path:
     """``$CXRTUNE_CACHE_DIR``, else ``~/.cache/cxrtune``."""
@@ -66,62 +169,24 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "cxrtune"
 
 
-def find_image_files(root: Path) -> list[tuple[str, Path]]:
-    """``(class, file)`` for every image under ``root/<class>/``, sorted; hidden entries skipped.
-
-    An empty class folder or fewer than two classes is a ``DataError``.
-    """
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
-    class_dirs = sorted(
-        entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
-    )
-    if len(class_dirs) < 2:
-        found = [entry.name for entry in class_dirs]
-        raise DataError(
-            f"{root} must hold one folder per class (at least 2), found {len(found)}: {found}"
-        )
-    files: list[tuple[str, Path]] = []
-    empty: list[str] = []
-    for class_dir in class_dirs:
-        images = sorted(
-            path
-            for path in class_dir.rglob("*")
-            if path.suffix.lower() in IMAGE_SUFFIXES
-            and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        )
-        if not images:
-            empty.append(class_dir.name)
-        files.extend((class_dir.name, path) for path in images)
-    if empty:
-        raise DataError(f"class folder(s) with no PNG/JPEG images under {root}: {empty}")
-    return files
-
-
-def fingerprint(root: Path, files: Sequence[tuple[str, Path]], image_size: int) -> str:
-    """A key that changes when a file is added, removed, resized or touched, or the size changes."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"version": CACHE_FORMAT_VERSION, "size": image_size}).encode())
-    for class_name, path in files:
-        stat = path.stat()
-        relative = path.relative_to(root).as_posix()
-        digest.update(f"{class_name}\0{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-def decode_image(path: Path, image_size: int) -> np.ndarray:
-    """Read any PIL image as 8-bit grayscale ``image_size x image_size``.
+def read_gray(path: Path) -> tuple[Image.Image, str]:
+    """Read any supported image as an 8-bit grayscale PIL image; also return its source mode.
 
     EXIF rotation is applied; transparency is composited on black (the film
     background); 16-bit and float images are stretched to their own range rather
-    than clipped, since X-ray PNGs often use only the low 12 bits.
+    than clipped, since X-ray PNGs often use only the low 12 bits. Images over
+    PIL's decompression-bomb limit are refused.
     """
-    with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
+    if path.suffix.lower() == ".dcm":
+        return Image.fromarray(decode_dicom(path)), "DICOM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            opened.load()
+            mode = opened.mode
+            image = ImageOps.exif_transpose(opened)
     if image.width == 0 or image.height == 0:
-        raise DataError(f"{path}: image has zero size")
+        raise DataError("image has zero size")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
@@ -131,68 +196,258 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(black, rgba)
-    gray = image.convert("L")
-    resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    elif image.mode == "CMYK":
+        image = image.convert("RGB")
+    return image.convert("L"), mode
+
+
+def resize(image: Image.Image, image_size: int) -> np.ndarray:
+    """Squash to ``image_size`` square, as the models see it."""
+    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
 
 
-def _decode_all(
-    files: Sequence[tuple[str, Path]], image_size: int, progress: Progress | None
-) -> np.ndarray:
-    """Decode every file in parallel threads (PIL releases the GIL); list every bad file."""
-    images = np.empty((len(files), 1, image_size, image_size), dtype=np.uint8)
-    errors: list[str] = []
+def decode_image(path: Path, image_size: int) -> np.ndarray:
+    """Read ``path`` as 8-bit grayscale ``image_size x image_size``."""
+    return resize(read_gray(path)[0], image_size)
+
+
+def content_hash(gray: Image.Image) -> str:
+    """Hash of the decoded pixels: equal for the same picture saved in different files."""
+    digest = hashlib.sha256(f"{gray.width}x{gray.height}".encode())
+    digest.update(gray.tobytes())
+    return digest.hexdigest()[:20]
+
+
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class _Decoded:
+    """Everything decoding produced, before policy; this is what the cache holds."""
+
+    images: np.ndarray
+    ok: np.ndarray  # bool per sample
+    hashes: list[str]
+    modes: list[str]
+    sizes: list[str]
+    reasons: list[str]  # "" where ok
+
+
+def _decode_all(listing: Listing, image_size: int, progress: Progress | None) -> _Decoded:
+    count = len(listing.samples)
+    decoded = _Decoded(
+        images=np.zeros((count, 1, image_size, image_size), dtype=np.uint8),
+        ok=np.zeros(count, dtype=bool),
+        hashes=[""] * count,
+        modes=[""] * count,
+        sizes=[""] * count,
+        reasons=[""] * count,
+    )
 
     def decode(index: int) -> None:
-        path = files[index][1]
         try:
-            images[index, 0] = decode_image(path, image_size)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-            errors.append(f"{path}: {error}")
+            gray, mode = read_gray(listing.samples[index].path)
+            decoded.images[index, 0] = resize(gray, image_size)
+        except (*DECODE_ERRORS, DicomError, DataError) as error:
+            decoded.reasons[index] = _reason(error)
+            return
+        decoded.ok[index] = True
+        decoded.hashes[index] = content_hash(gray)
+        decoded.modes[index] = mode
+        decoded.sizes[index] = f"{gray.width} x {gray.height}"
 
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, _ in enumerate(pool.map(decode, range(len(files))), start=1):
+        for done, _ in enumerate(pool.map(decode, range(count)), start=1):
             if progress is not None:
-                progress(done, len(files))
-    if errors:
-        listing = "\n  ".join(sorted(errors))
-        raise DataError(f"{len(errors)} image(s) could not be read:\n  {listing}")
-    return images
+                progress(done, count)
+    return decoded
 
 
-def load_image_folder(
-    root: str | Path,
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can read (corrupt, empty or another format)"
+    if isinstance(error, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"larger than PIL's decompression-bomb limit ({error})"
+    return f"{type(error).__name__}: {error}"
+
+
+def fingerprint(listing: Listing, layout: str, image_size: int) -> str:
+    """A key that changes when a sample is added, removed, relabelled, resized or touched."""
+    digest = hashlib.sha256()
+    header = {"version": CACHE_FORMAT_VERSION, "size": image_size, "layout": layout}
+    digest.update(json.dumps(header).encode())
+    digest.update(json.dumps(listing.classes).encode())
+    for sample in listing.samples:
+        try:
+            stat = sample.path.stat()
+            signature = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:
+            signature = "missing"
+        fields = (str(sample.path), sample.label, sample.patient, sample.source, sample.split)
+        digest.update(("\0".join(fields) + f"\0{signature}\n").encode())
+    return digest.hexdigest()[:24]
+
+
+def ingest(
+    data: str | Path,
     image_size: int,
     *,
+    layout: str = "auto",
+    skip_bad_images: bool = False,
+    drop_conflicting_duplicates: bool = False,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
-) -> tuple[Dataset, Path]:
-    """Decode ``root`` (ImageFolder layout) at ``image_size``, or reuse its cache.
+) -> Ingested:
+    """Decode ``data`` (or reuse its cache), apply the bad-file and duplicate policy, report.
 
-    Returns the dataset and the cache file it was read from or written to.
+    Raises ``DataError`` listing every unreadable file (unless ``skip_bad_images``),
+    every image found under two labels (unless ``drop_conflicting_duplicates``), and
+    for fewer than two classes or a class without images.
     """
-    root = Path(root).expanduser().resolve()
-    files = find_image_files(root)
+    data = Path(data).expanduser().resolve()
+    if not data.exists():
+        raise DataError(f"dataset not found: {data}")
+    try:
+        chosen: Layout = detect_layout(data) if layout == "auto" else get_layout(layout)
+        listing = chosen.list_samples(data)
+    except (LayoutError, ValueError) as error:
+        raise DataError(str(error)) from error
+    _check_classes(data, listing)
+
     cache_dir = (cache_dir or default_cache_dir()) / "datasets"
-    cache_path = cache_dir / f"{fingerprint(root, files, image_size)}.npz"
+    cache_path = cache_dir / f"{fingerprint(listing, chosen.name, image_size)}.npz"
+    base = data.parent if data.is_file() else data
     if cache_path.is_file():
-        return read_cache(cache_path), cache_path
+        everything = read_cache(cache_path)
+        failures = _read_failures(cache_path)
+    else:
+        decoded = _decode_all(listing, image_size, progress)
+        everything, failures = _as_dataset(listing, decoded, base)
+        good = decoded.ok
+        write_cache(
+            everything,
+            cache_path,
+            sizes=[size for size, ok in zip(decoded.sizes, good, strict=True) if ok],
+            modes=[mode for mode, ok in zip(decoded.modes, good, strict=True) if ok],
+            failures=failures,
+            notes=listing.notes,
+        )
 
-    class_names = tuple(sorted({class_name for class_name, _ in files}))
+    report = IngestReport(data=str(data), layout=chosen.name, notes=_read_notes(cache_path))
+    report.sizes, report.modes = _read_sizes_and_modes(cache_path)
+    report.bad_files = failures
+    if failures and not skip_bad_images:
+        listing_text = "\n  ".join(f"{bad['path']}: {bad['reason']}" for bad in failures)
+        raise DataError(
+            f"{len(failures)} file(s) could not be read as images:\n  {listing_text}\n"
+            "Fix or remove them, or pass --skip-bad-images to leave them out."
+        )
+    report.skipped = len(failures)
+    dataset = _apply_duplicate_policy(everything, report, drop_conflicting_duplicates)
+    _check_no_empty_class(dataset)
+    report.classes = dataset.class_counts()
+    report.patients = len({patient for patient in dataset.patients if patient})
+    report.sources = len({source for source in dataset.sources if source})
+    return Ingested(dataset=dataset, report=report, cache_path=cache_path, layout=chosen.name)
+
+
+def _check_classes(data: Path, listing: Listing) -> None:
+    if len(listing.classes) < 2:
+        raise DataError(
+            f"{data} must hold at least 2 classes, found {len(listing.classes)}: {listing.classes}"
+        )
+    present = {sample.label for sample in listing.samples}
+    empty = [name for name in listing.classes if name not in present]
+    if empty:
+        raise DataError(f"class(es) with no PNG/JPEG/DICOM images in {data}: {empty}")
+
+
+def _check_no_empty_class(dataset: Dataset) -> None:
+    empty = [name for name, count in dataset.class_counts().items() if count == 0]
+    if empty:
+        raise DataError(f"class(es) left with no readable image: {empty}")
+
+
+def _as_dataset(
+    listing: Listing, decoded: _Decoded, base: Path
+) -> tuple[Dataset, list[dict[str, str]]]:
+    class_names = tuple(listing.classes)
     label_of = {name: index for index, name in enumerate(class_names)}
+    samples = listing.samples
+    relative = [_relative(sample.path, base) for sample in samples]
+    failures = [
+        {"path": relative[index], "reason": decoded.reasons[index]}
+        for index in np.flatnonzero(~decoded.ok)
+    ]
+    good = np.flatnonzero(decoded.ok)
     dataset = Dataset(
-        images=_decode_all(files, image_size, progress),
-        labels=np.array([label_of[class_name] for class_name, _ in files], dtype=np.int64),
+        images=decoded.images[good],
+        labels=np.array([label_of[samples[i].label] for i in good], dtype=np.int64),
         class_names=class_names,
-        paths=tuple(path.relative_to(root).as_posix() for _, path in files),
+        paths=tuple(relative[i] for i in good),
+        hashes=tuple(decoded.hashes[i] for i in good),
+        patients=tuple(samples[i].patient for i in good),
+        sources=tuple(samples[i].source for i in good),
+        fixed_splits=tuple(samples[i].split for i in good),
     )
-    write_cache(dataset, cache_path)
-    return dataset, cache_path
+    return dataset, failures
 
 
-def write_cache(dataset: Dataset, cache_path: Path) -> None:
-    """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file."""
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:  # a manifest may point outside its own folder
+        return path.as_posix()
+
+
+def _apply_duplicate_policy(dataset: Dataset, report: IngestReport, drop: bool) -> Dataset:
+    """Count exact duplicates; refuse (or drop) contents that carry two labels."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for index, digest in enumerate(dataset.hashes):
+        by_hash[digest].append(index)
+    repeated = [indices for indices in by_hash.values() if len(indices) > 1]
+    report.duplicate_sets = len(repeated)
+    report.duplicate_images = sum(len(indices) for indices in repeated)
+    conflicting = [
+        indices for indices in repeated if len({int(dataset.labels[i]) for i in indices}) > 1
+    ]
+    report.conflicts = [
+        [f"{dataset.paths[i]} ({dataset.class_names[dataset.labels[i]]})" for i in indices]
+        for indices in conflicting
+    ]
+    if not conflicting:
+        return dataset
+    if not drop:
+        pairs = "\n  ".join(" == ".join(paths) for paths in report.conflicts)
+        raise DataError(
+            f"{len(conflicting)} image(s) appear under two labels:\n  {pairs}\n"
+            "Fix the labels, or pass --drop-conflicting-duplicates to leave all copies out."
+        )
+    keep = np.ones(len(dataset.labels), dtype=bool)
+    for indices in conflicting:
+        keep[indices] = False
+    report.dropped_conflicting = int((~keep).sum())
+    return dataset.select(keep)
+
+
+def write_cache(
+    dataset: Dataset,
+    cache_path: Path,
+    *,
+    sizes: Sequence[str] = (),
+    modes: Sequence[str] = (),
+    failures: Sequence[dict[str, str]] = (),
+    notes: Sequence[str] = (),
+) -> None:
+    """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file.
+
+    ``sizes`` and ``modes`` (per image, for the ingest report), the files that
+    could not be read, and the layout's notes are kept beside the arrays.
+    """
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=".tmp-", suffix=".npz")
     try:
@@ -202,7 +457,15 @@ def write_cache(dataset: Dataset, cache_path: Path) -> None:
                 images=dataset.images,
                 labels=dataset.labels,
                 class_names=np.array(dataset.class_names),
-                paths=np.array(dataset.paths),
+                paths=np.array(dataset.paths, dtype=str),
+                hashes=np.array(dataset.hashes, dtype=str),
+                patients=np.array(dataset.patients, dtype=str),
+                sources=np.array(dataset.sources, dtype=str),
+                fixed_splits=np.array(dataset.fixed_splits, dtype=str),
+                sizes=np.array(list(sizes), dtype=str),
+                modes=np.array(list(modes), dtype=str),
+                failures=np.array(json.dumps(list(failures))),
+                notes=np.array(json.dumps(list(notes))),
             )
         os.replace(temporary, cache_path)
     except BaseException:
@@ -211,14 +474,51 @@ def write_cache(dataset: Dataset, cache_path: Path) -> None:
 
 
 def read_cache(cache_path: Path) -> Dataset:
-    """Read a dataset cache written by ``write_cache``."""
+    """Every readable image of a cache written by ``write_cache`` (before any policy)."""
     with np.load(cache_path, allow_pickle=False) as arrays:
+
+        def strings(name: str) -> tuple[str, ...]:
+            return tuple(str(value) for value in arrays[name]) if name in arrays else ()
+
         return Dataset(
             images=arrays["images"],
             labels=arrays["labels"],
-            class_names=tuple(str(name) for name in arrays["class_names"]),
-            paths=tuple(str(path) for path in arrays["paths"]),
+            class_names=strings("class_names"),
+            paths=strings("paths"),
+            hashes=strings("hashes"),
+            patients=strings("patients"),
+            sources=strings("sources"),
+            fixed_splits=strings("fixed_splits"),
         )
+
+
+def _read_failures(cache_path: Path) -> list[dict[str, str]]:
+    with np.load(cache_path, allow_pickle=False) as arrays:
+        return list(json.loads(str(arrays["failures"])))
+
+
+def _read_notes(cache_path: Path) -> list[str]:
+    with np.load(cache_path, allow_pickle=False) as arrays:
+        return list(json.loads(str(arrays["notes"])))
+
+
+def _read_sizes_and_modes(cache_path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    with np.load(cache_path, allow_pickle=False) as arrays:
+        sizes = Counter(str(size) for size in arrays["sizes"])
+        modes = Counter(str(mode) for mode in arrays["modes"])
+    return dict(sizes), dict(modes)
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int,
+    *,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[Dataset, Path]:
+    """Decode an ImageFolder-layout folder (or reuse its cache); every bad file is an error."""
+    result = ingest(root, image_size, layout="imagefolder", cache_dir=cache_dir, progress=progress)
+    return result.dataset, result.cache_path
 
 
 def _normalise_class_name(name: str) -> str:

@@ -1,7 +1,8 @@
-"""Stratified train / val / test split, fixed by a seed and saved as ``splits.csv``.
+"""Leakage-safe train / val / test splits, fixed by a seed and saved as ``splits.csv``.
 
-``val`` guides the search; ``test`` is held out for the leaderboard only and
-never reaches a trial.
+Stratified by class and grouped, so no patient (or source) and no duplicated
+image is in two splits. ``val`` guides the search; ``test`` is held out for the
+leaderboard only and never reaches a trial.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from cxrtune.trainables.data import DataError, Dataset
 
 SPLITS = ("train", "val", "test")
+GROUPINGS = ("patient", "source", "none")
+# Fewer images of a class than this in a split make its recall and AUC noise.
+MIN_IMAGES_PER_SPLIT = 3
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,132 @@ def stratified_split(
     return SplitIndices(train=np.sort(train), val=np.sort(val), test=np.sort(test))
 
 
-def splits_table(dataset: Dataset, splits: SplitIndices) -> pd.DataFrame:
-    """One row per image: ``path``, ``label`` (class name), ``split``, in dataset order."""
+def grouped_stratified_split(
+    labels: np.ndarray, groups: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int
+) -> SplitIndices:
+    """Split whole groups, keeping class proportions as far as whole groups allow.
+
+    scikit-learn's ``StratifiedGroupKFold`` carves ``test`` as one fold of about
+    ``test_fraction``, then ``val`` the same way from the rest; the fractions are
+    met approximately.
+    """
+    everything = np.arange(len(labels))
+    try:
+        rest, test = _one_group_fold(everything, labels, groups, test_fraction, seed)
+        rest_fraction = val_fraction / (1 - test_fraction)
+        train, val = _one_group_fold(rest, labels[rest], groups[rest], rest_fraction, seed)
+    except ValueError as error:  # scikit-learn's word on groups that cannot be split
+        raise DataError(f"cannot split {len(labels)} images by group and class: {error}") from error
+    return SplitIndices(train=np.sort(train), val=np.sort(val), test=np.sort(test))
+
+
+def _one_group_fold(
+    indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    folds = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    kept, held = next(splitter.split(indices, labels, groups))
+    return indices[kept], indices[held]
+
+
+def group_ids(dataset: Dataset, group_by: str) -> np.ndarray:
+    """One id per image such that images that must share a split share an id.
+
+    Images of one patient (or source, per ``group_by``) are linked, and so are
+    exact duplicates (same content hash), transitively: a duplicate of an image of
+    patient A pulls its own patient into A's group.
+    """
+    if group_by not in GROUPINGS:
+        raise ValueError(f"group_by must be one of {list(GROUPINGS)}, got {group_by!r}")
+    keys = {"patient": dataset.patients, "source": dataset.sources, "none": ()}[group_by]
+    count = len(dataset.labels)
+    edges_from, edges_to = [], []
+    for values in (keys, dataset.hashes):
+        first_seen: dict[str, int] = {}
+        for index, value in enumerate(values):
+            if value:
+                edges_from.append(first_seen.setdefault(value, index))
+                edges_to.append(index)
+    graph = coo_matrix((np.ones(len(edges_from)), (edges_from, edges_to)), shape=(count, count))
+    _, components = connected_components(graph, directed=False)
+    return np.asarray(components)
+
+
+def make_splits(
+    dataset: Dataset,
+    groups: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> SplitIndices:
+    """The train / val / test split of a sweep: fixed by the dataset, grouped, or stratified.
+
+    A split the dataset fixes (a manifest's ``split`` column) is used as is, after
+    checking no patient crosses it. Otherwise no group (see ``group_ids``)
+    crosses splits. Every class needs at least ``MIN_IMAGES_PER_SPLIT`` images in
+    every split.
+    """
+    if any(dataset.fixed_splits):
+        splits = _fixed_splits(dataset)
+    elif len(np.unique(groups)) == len(groups):
+        splits = stratified_split(
+            dataset.labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+    else:
+        splits = grouped_stratified_split(
+            dataset.labels,
+            groups,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
+    _require_images_per_split(dataset, splits)
+    return splits
+
+
+def _fixed_splits(dataset: Dataset) -> SplitIndices:
+    fixed = np.array(dataset.fixed_splits)
+    if not fixed.all():
+        missing = [dataset.paths[index] for index in np.flatnonzero(fixed == "")][:5]
+        raise DataError(f"the manifest's split column is empty for some images, e.g. {missing}")
+    crossing = []
+    patients = np.array(dataset.patients)
+    for patient in sorted(set(dataset.patients) - {""}):
+        seen = sorted(set(fixed[patients == patient]))
+        if len(seen) > 1:
+            crossing.append(f"{patient} ({', '.join(seen)})")
+    if crossing:
+        shown = "; ".join(crossing[:10])
+        raise DataError(f"{len(crossing)} patient(s) appear in more than one split: {shown}")
+    return SplitIndices(**{split: np.flatnonzero(fixed == split) for split in SPLITS})
+
+
+def _require_images_per_split(dataset: Dataset, splits: SplitIndices) -> None:
+    short = []
+    for split in SPLITS:
+        counts = np.bincount(dataset.labels[splits.of(split)], minlength=len(dataset.class_names))
+        short += [
+            f"{name} has {count} in {split}"
+            for name, count in zip(dataset.class_names, counts, strict=True)
+            if count < MIN_IMAGES_PER_SPLIT
+        ]
+    if short:
+        raise DataError(
+            f"too few images to split: every class needs at least {MIN_IMAGES_PER_SPLIT} "
+            f"per split, but {'; '.join(short)}"
+        )
+
+
+def splits_table(
+    dataset: Dataset, splits: SplitIndices, groups: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per image: ``path``, ``label``, ``group``, ``split``, ``content_hash``.
+
+    Without ``groups`` every image is its own group.
+    """
+    if groups is None:
+        groups = np.arange(len(dataset.labels))
     split_of = np.empty(len(dataset.labels), dtype=object)
     for split in SPLITS:
         split_of[splits.of(split)] = split
@@ -78,24 +208,34 @@ def splits_table(dataset: Dataset, splits: SplitIndices) -> pd.DataFrame:
         {
             "path": list(dataset.paths),
             "label": [dataset.class_names[label] for label in dataset.labels],
+            "group": groups,
             "split": split_of,
+            "content_hash": list(dataset.hashes),
         }
     )
 
 
-def write_splits(dataset: Dataset, splits: SplitIndices, path: Path) -> None:
+def write_splits(
+    dataset: Dataset, splits: SplitIndices, path: Path, groups: np.ndarray | None = None
+) -> None:
     """Write ``splits.csv``."""
-    splits_table(dataset, splits).to_csv(path, index=False)
+    splits_table(dataset, splits, groups).to_csv(path, index=False)
 
 
 def read_splits(dataset: Dataset, path: Path) -> SplitIndices:
-    """Read a ``splits.csv`` back as indices into ``dataset``; it must list the same images."""
+    """Read a ``splits.csv`` back as indices into ``dataset``, matching images by path.
+
+    ``dataset`` may hold more images than the split (files a sweep skipped or
+    dropped); an image of the split that ``dataset`` lacks is an error.
+    """
     table = pd.read_csv(path, keep_default_na=False)
-    if list(table["path"]) != list(dataset.paths):
+    index_of = {image_path: index for index, image_path in enumerate(dataset.paths)}
+    missing = [image_path for image_path in table["path"] if image_path not in index_of]
+    if missing:
         raise DataError(
-            f"{path} does not list the images of the dataset it was written for; "
+            f"{path} lists {len(missing)} image(s) the dataset no longer has, e.g. {missing[:3]}; "
             "was the dataset folder changed after the sweep?"
         )
-    return SplitIndices(
-        **{split: np.flatnonzero(table["split"].to_numpy() == split) for split in SPLITS}
-    )
+    indices = table["path"].map(index_of).to_numpy()
+    split = table["split"].to_numpy()
+    return SplitIndices(**{name: np.sort(indices[split == name]) for name in SPLITS})

@@ -32,12 +32,11 @@ def test_an_image_folder_becomes_uint8_n_by_1_by_h_by_w(
 
 def test_nested_folders_spaces_and_jpegs_are_found(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    pixels = np.full((20, 20), 120, dtype=np.uint8)
-    write_png(root / "Viral Pneumonia" / "site a" / "x 1.png", pixels)
-    Image.fromarray(pixels).save(root / "Viral Pneumonia" / "y.JPEG")
-    write_png(root / "COVID-19" / "deep" / "er" / "z.png", pixels)
+    write_png(root / "Viral Pneumonia" / "site a" / "x 1.png", np.full((20, 20), 100, np.uint8))
+    Image.fromarray(np.full((20, 20), 150, np.uint8)).save(root / "Viral Pneumonia" / "y.JPEG")
+    write_png(root / "COVID-19" / "deep" / "er" / "z.png", np.full((20, 20), 200, np.uint8))
     (root / "COVID-19" / "notes.txt").write_text("not an image")
-    write_png(root / "COVID-19" / ".hidden" / "skip.png", pixels)
+    write_png(root / "COVID-19" / ".hidden" / "skip.png", np.zeros((20, 20), np.uint8))
     dataset, _ = load_image_folder(root, 8)
     assert sorted(dataset.paths) == [
         "COVID-19/deep/er/z.png",
@@ -151,7 +150,7 @@ def test_every_unreadable_image_is_listed(make_image_folder: Callable[..., Path]
     root = make_image_folder({"COVID": 3, "Normal": 3})
     (root / "COVID" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (root / "Normal" / "text.png").write_text("hello")
-    with pytest.raises(DataError, match="2 image") as error:
+    with pytest.raises(DataError, match="2 file") as error:
         load_image_folder(root, 16)
     assert "broken.png" in str(error.value) and "text.png" in str(error.value)
 

@@ -51,6 +51,6 @@ def test_splits_csv_round_trips(tmp_path: Path) -> None:
     parts = split()
     write_splits(dataset, parts, tmp_path / "splits.csv")
     text = (tmp_path / "splits.csv").read_text().splitlines()
-    assert text[0] == "path,label,split"
+    assert text[0] == "path,label,group,split,content_hash"
     again = read_splits(dataset, tmp_path / "splits.csv")
     assert all(np.array_equal(again.of(s), parts.of(s)) for s in ("train", "val", "test"))
