@@ -78,3 +78,31 @@ def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     result = run_cli("data", "synth", str(tmp_path), "--n", "40")
     assert result.returncode == EXIT_BAD_INPUT
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_data_inspect_reports_counts_sizes_modes_and_duplicates(
+    make_image_folder: Callable[..., Path],
+) -> None:
+    root = make_image_folder({"COVID": 4, "Normal": 6})
+    (root / "Normal" / "again.png").write_bytes((root / "Normal" / "000.png").read_bytes())
+    result = run_cli("data", "inspect", str(root))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "COVID: 4" in result.stdout and "Normal: 7" in result.stdout
+    assert "24 x 24 (11)" in result.stdout and "L (11)" in result.stdout
+    assert "Exact duplicates: 1 contents in 2 images" in result.stdout
+
+
+def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(tmp_path: Path) -> None:
+    from tests.trainables.test_ingest import make_folder_with_bad_files
+
+    root = make_folder_with_bad_files(tmp_path / "data")
+    inspect = run_cli("data", "inspect", str(root))
+    sweep = run_cli("sweep", "--data", str(root), "--set", f"storage_path={tmp_path}")
+    for result in (inspect, sweep):
+        assert result.returncode == EXIT_BAD_INPUT, result.stderr
+        for name in ("corrupt.png", "truncated.jpg", "notes.png"):
+            assert name in result.stderr
+        assert "Traceback" not in result.stderr
+    skipped = run_cli("data", "inspect", str(root), "--skip-bad-images")
+    assert skipped.returncode == EXIT_OK
+    assert "Unreadable files (skipped): 3" in skipped.stdout

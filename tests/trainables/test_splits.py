@@ -3,10 +3,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrtune.trainables.data import DataError, Dataset
-from cxrtune.trainables.splits import read_splits, stratified_split, write_splits
+from cxrtune.trainables.splits import (
+    group_ids,
+    make_splits,
+    read_splits,
+    stratified_split,
+    write_splits,
+)
 
 LABELS = np.repeat([0, 1, 2, 3], [40, 120, 160, 80])
 
@@ -54,3 +61,116 @@ def test_splits_csv_round_trips(tmp_path: Path) -> None:
     assert text[0] == "path,label,group,split,content_hash"
     again = read_splits(dataset, tmp_path / "splits.csv")
     assert all(np.array_equal(again.of(s), parts.of(s)) for s in ("train", "val", "test"))
+
+
+def patient_dataset(seed: int = 0) -> Dataset:
+    """600 images of 150 patients (1 to 7 images each), four classes, some exact duplicates."""
+    rng = np.random.default_rng(seed)
+    labels, patients, hashes = [], [], []
+    for patient in range(150):
+        label = int(rng.choice(4, p=[0.1, 0.3, 0.4, 0.2]))
+        for image in range(int(rng.integers(1, 8))):
+            labels.append(label)
+            patients.append(f"patient-{patient}")
+            hashes.append(f"h{patient}-{image}")
+    # A re-uploaded copy: the first picture again, under another patient of its class.
+    copy = next(i for i in range(100, len(labels)) if labels[i] == labels[0])
+    hashes[copy] = hashes[0]
+    count = len(labels)
+    return Dataset(
+        images=np.zeros((count, 1, 2, 2), dtype=np.uint8),
+        labels=np.array(labels),
+        class_names=("COVID", "Lung_Opacity", "Normal", "Viral_Pneumonia"),
+        paths=tuple(f"{i}.png" for i in range(count)),
+        hashes=tuple(hashes),
+        patients=tuple(patients),
+    )
+
+
+def grouped(dataset: Dataset, seed: int = 0, group_by: str = "patient"):
+    groups = group_ids(dataset, group_by)
+    return make_splits(dataset, groups, val_fraction=0.15, test_fraction=0.15, seed=seed), groups
+
+
+def test_no_patient_and_no_content_hash_crosses_splits() -> None:
+    dataset = patient_dataset()
+    parts, _ = grouped(dataset)
+    owner: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        for index in parts.of(split):
+            for key in (dataset.patients[index], dataset.hashes[index]):
+                assert owner.setdefault(key, split) == split, f"{key} is in two splits"
+    assert sum(len(parts.of(s)) for s in ("train", "val", "test")) == len(dataset.labels)
+
+
+def test_grouped_splits_stay_close_to_the_fractions_and_class_mix() -> None:
+    dataset = patient_dataset()
+    parts, _ = grouped(dataset)
+    total = len(dataset.labels)
+    assert abs(len(parts.test) / total - 0.15) < 0.04
+    assert abs(len(parts.val) / total - 0.15) < 0.04
+    overall = np.bincount(dataset.labels, minlength=4) / total
+    test_mix = np.bincount(dataset.labels[parts.test], minlength=4) / len(parts.test)
+    assert np.abs(test_mix - overall).max() < 0.08
+
+
+def test_grouped_splits_are_fixed_by_the_seed() -> None:
+    dataset = patient_dataset()
+    assert np.array_equal(grouped(dataset, seed=3)[0].test, grouped(dataset, seed=3)[0].test)
+    assert not np.array_equal(grouped(dataset, seed=3)[0].test, grouped(dataset, seed=4)[0].test)
+
+
+def test_duplicates_link_the_groups_of_their_copies() -> None:
+    dataset = patient_dataset()
+    copy = dataset.hashes.index(dataset.hashes[0], 1)
+    alone = group_ids(dataset, "none")
+    assert alone[0] == alone[copy]
+    assert len(set(alone)) == len(set(dataset.hashes)) == len(dataset.hashes) - 1
+    by_patient = group_ids(dataset, "patient")
+    # The copy pulls its whole patient into the first patient's group.
+    copy_patient = [i for i, p in enumerate(dataset.patients) if p == dataset.patients[copy]]
+    assert {by_patient[i] for i in copy_patient} == {by_patient[0]}
+
+
+def test_a_split_fixed_by_the_dataset_is_used_as_is() -> None:
+    dataset = patient_dataset()
+    fixed = tuple(("train", "val", "test")[int(p.split("-")[1]) % 3] for p in dataset.patients)
+    dataset = Dataset(**{**dataset.__dict__, "fixed_splits": fixed})
+    parts, _ = grouped(dataset)
+    assert all(fixed[i] == "test" for i in parts.test)
+    assert len(parts.test) == fixed.count("test")
+
+
+def test_a_fixed_split_that_a_patient_crosses_is_refused() -> None:
+    dataset = patient_dataset()
+    fixed = ["train"] * len(dataset.labels)
+    for index in range(0, len(fixed), 3):
+        fixed[index] = "test"
+    for index in range(1, len(fixed), 3):
+        fixed[index] = "val"
+    dataset = Dataset(**{**dataset.__dict__, "fixed_splits": tuple(fixed)})
+    with pytest.raises(DataError, match="patient-0 \\("):
+        grouped(dataset)
+
+
+def test_a_class_with_fewer_than_three_images_in_a_split_is_refused() -> None:
+    labels = np.repeat([0, 1], [12, 100])
+    dataset = Dataset(
+        images=np.zeros((112, 1, 2, 2), dtype=np.uint8),
+        labels=labels,
+        class_names=("COVID", "Normal"),
+        paths=tuple(f"{i}.png" for i in range(112)),
+        hashes=tuple(str(i) for i in range(112)),
+    )
+    with pytest.raises(DataError, match=r"at least 3 per split.*COVID has 2"):
+        grouped(dataset)
+
+
+def test_splits_csv_records_group_and_content_hash(tmp_path: Path) -> None:
+    dataset = patient_dataset()
+    parts, groups = grouped(dataset)
+    write_splits(dataset, parts, tmp_path / "splits.csv", groups)
+    table = pd.read_csv(tmp_path / "splits.csv", keep_default_na=False)
+    assert list(table.columns) == ["path", "label", "group", "split", "content_hash"]
+    assert table.groupby("group")["split"].nunique().max() == 1
+    assert table.groupby("content_hash")["split"].nunique().max() == 1
