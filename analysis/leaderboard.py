@@ -2,14 +2,35 @@
 
 For each trial the best-validation epoch (by the sweep's scheduler metric,
 among epochs whose checkpoint was kept) is chosen; its validation metrics rank
-the trial and its checkpoint is evaluated once on the held-out test split.
-Test numbers never feed back into the search.
+the trial and its checkpoint is evaluated once on val and on the held-out test
+split. The predictions are cached in the trial folder as ``evaluation.json``
+(``checkpoint``, and ``labels`` and ``probabilities`` of ``val`` and ``test``);
+a different best checkpoint makes the cache stale. Every test column is
+computed from those saved predictions. Test numbers never feed back into the
+search, and the val predictions serve only to choose the threshold.
+
+The test columns, after the validation ones:
+
+- ``test_covid_recall``, ``test_macro_auc``, ``test_accuracy``: argmax recall
+  of the positive class, macro one-vs-rest AUC and accuracy on test;
+- ``test_covid_recall_low``/``_high``, ``test_macro_auc_low``/``_high``: 95%
+  stratified bootstrap percentile interval (the sweep's ``bootstrap_resamples``
+  resamples, seed 0, class counts kept in every resample);
+- ``threshold``: the lowest positive-class probability at which the model
+  reaches the sweep's ``target_specificity`` on val (positive when
+  ``probability >= threshold``; ``inf`` when no threshold reaches it);
+- ``test_covid_recall_at_threshold``, ``test_specificity_at_threshold``: what
+  that threshold gives on test.
+
+The table and Markdown styles show each interval beside its estimate, as
+``0.933 [0.880, 0.970]``; the CSV keeps every column at full precision.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +46,21 @@ from cxrtune.analysis.experiment import (
     TrialRecord,
 )
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, rank_trials
+from cxrtune.analysis.statistics import (
+    INTERVAL_METRICS,
+    metric_intervals,
+    recall_and_specificity_at,
+    threshold_for_specificity,
+)
+from cxrtune.trainables.metrics import classification_metrics
 
-TEST_EVALUATION_FILE = "test_evaluation.json"
+EVALUATION_FILE = "evaluation.json"
+DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
+DEFAULT_BOOTSTRAP_RESAMPLES = 1000
+CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0
+# Metrics with a bootstrap interval, as classification_metrics names them; each
+# gives test_<name>_low and test_<name>_high.
 HYPERPARAMETERS = (
     "lr",
     "batch_size",
@@ -49,7 +83,23 @@ COLUMNS = (
     "test_covid_recall",
     "test_macro_auc",
     "test_accuracy",
+    "test_covid_recall_low",
+    "test_covid_recall_high",
+    "test_macro_auc_low",
+    "test_macro_auc_high",
+    "threshold",
+    "test_covid_recall_at_threshold",
+    "test_specificity_at_threshold",
 )
+TEST_COLUMNS = COLUMNS[COLUMNS.index("test_covid_recall") :]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Labels and class probabilities (``N x C``) of one split, as kept in ``evaluation.json``."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -88,7 +138,7 @@ def trial_row(record: TrialRecord, best: pd.Series) -> dict[str, Any]:
     row: dict[str, Any] = {
         "trial_id": record.trial_id,
         "family": record.family,
-        "pretrained": config.get("family") == "vgg16" and config.get("weights", "none") != "none",
+        "pretrained": _is_pretrained(config),
     }
     row.update({name: config.get(name) for name in HYPERPARAMETERS})
     row["epochs"] = int(record.results["epoch"].max())
@@ -116,9 +166,10 @@ def build_leaderboard(
         chosen[record.trial_id] = str(best.get("checkpoint_dir_name", ""))
 
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    table[list(TEST_COLUMNS)] = math.nan
     if evaluate_test and rows:
-        test = _evaluate_on_test(experiment, chosen, device)
-        for column in ("test_covid_recall", "test_macro_auc", "test_accuracy"):
+        test = _evaluate_chosen_checkpoints(experiment, chosen, device)
+        for column in TEST_COLUMNS:
             table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
     ranked = rank_trials(table, DEFAULT_OBJECTIVES).drop(columns="pareto_front")
     return Leaderboard(
@@ -133,53 +184,146 @@ def leaderboard_header(experiment: Experiment) -> str:
     info = experiment.dataset
     source = "SYNTHETIC demo data (not real X-rays)" if info.synthetic else info.root
     sizes = ", ".join(f"{split} {sum(c.values())}" for split, c in info.split_counts.items())
+    pretrained = [record for record in experiment.trials if _is_pretrained(record.config)]
     weights = experiment.sweep.get("weights", "none")
+    models = (
+        f"{len(pretrained)} trial(s) started from pretrained VGG16 weights ({weights})"
+        if pretrained
+        else "no model was pretrained"
+    )
+    grouping = (
+        f"grouped by {info.grouping} ({info.groups} groups)"
+        if info.grouping != "none"
+        else f"no patient or source ids ({info.groups} groups after joining duplicates)"
+    )
+    target = experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
+    resamples = experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)
     return (
         f"Experiment: {experiment.directory}\n"
-        f"Data: {source}; {info.image_size}px; positive class {info.positive_class}; {sizes}\n"
-        f"VGG16 weights: {weights}. Ranked on val (Pareto front of COVID recall and macro AUC); "
-        "test is held out and reported only."
+        f"Data: {source}; layout {info.layout}; {info.image_size}px; "
+        f"positive class {info.positive_class}; {sizes}\n"
+        f"Splits: {grouping}; {info.duplicate_images} exact-duplicate images kept together; "
+        f"{info.skipped_images} images skipped; {info.dropped_images} dropped as conflicting\n"
+        f"Models: {models}. Ranked on val (Pareto front of COVID recall and macro AUC); "
+        "test is held out and reported only.\n"
+        f"Test intervals: 95% stratified bootstrap, {resamples} resamples. Operating point: "
+        f"COVID threshold chosen on val for specificity {target}, applied on test."
     )
 
 
-def _evaluate_on_test(
+def _is_pretrained(config: dict[str, Any]) -> bool:
+    return config.get("family") == "vgg16" and config.get("weights", "none") != "none"
+
+
+def held_out_metrics(
+    predictions: dict[str, Predictions],
+    class_names: Sequence[str],
+    positive_index: int,
+    *,
+    target_specificity: float = DEFAULT_TARGET_SPECIFICITY,
+    resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES,
+) -> dict[str, float]:
+    """The test columns of one trial from its ``val`` and ``test`` predictions.
+
+    Only the threshold comes from val; everything else is measured on test.
+    """
+    test, val = predictions["test"], predictions["val"]
+    metrics = classification_metrics(test.labels, test.probabilities, class_names, positive_index)
+    columns = {f"test_{name}": metrics[name] for name in ("covid_recall", "macro_auc", "accuracy")}
+    intervals = metric_intervals(
+        test.labels,
+        test.probabilities,
+        class_names,
+        positive_index,
+        INTERVAL_METRICS,
+        resamples=resamples,
+        confidence=CONFIDENCE,
+        seed=BOOTSTRAP_SEED,
+    )
+    for name, (low, high) in intervals.items():
+        columns[f"test_{name}_low"], columns[f"test_{name}_high"] = low, high
+    threshold = threshold_for_specificity(
+        val.labels == positive_index, val.probabilities[:, positive_index], target_specificity
+    )
+    recall, specificity = recall_and_specificity_at(
+        test.labels == positive_index, test.probabilities[:, positive_index], threshold
+    )
+    columns["threshold"] = threshold
+    columns["test_covid_recall_at_threshold"] = recall
+    columns["test_specificity_at_threshold"] = specificity
+    return columns
+
+
+def _evaluate_chosen_checkpoints(
     experiment: Experiment, chosen: dict[str, str], device: str
 ) -> dict[str, dict[str, float]]:
-    """Test metrics of each trial's chosen checkpoint, cached in the trial folder."""
-    from cxrtune.analysis.test_evaluation import TestSet, evaluate_checkpoint
+    """Test columns of each trial's chosen checkpoint; predictions cached in the trial folder."""
+    from cxrtune.analysis.test_evaluation import EvaluationSet, evaluate_checkpoint
 
+    info = experiment.dataset
+    target_specificity = float(
+        experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
+    )
+    resamples = int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES))
     by_id = {record.trial_id: record for record in experiment.trials}
     results: dict[str, dict[str, float]] = {}
-    test_set: TestSet | None = None
+    evaluation_set: EvaluationSet | None = None
     for trial_id, checkpoint_name in chosen.items():
-        record = by_id[trial_id]
-        cache = record.directory / TEST_EVALUATION_FILE
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("checkpoint") == checkpoint_name:
-                results[trial_id] = cached["metrics"]
+        cache = by_id[trial_id].directory / EVALUATION_FILE
+        checkpoint = by_id[trial_id].directory / checkpoint_name
+        predictions = _read_evaluation(cache, checkpoint_name)
+        if predictions is None:
+            if not checkpoint_name or not checkpoint.is_dir():
+                results[trial_id] = dict.fromkeys(TEST_COLUMNS, math.nan)
                 continue
-        checkpoint = record.directory / checkpoint_name
-        if not checkpoint_name or not checkpoint.is_dir():
-            results[trial_id] = {
-                key: math.nan for key in ("test_covid_recall", "test_macro_auc", "test_accuracy")
+            if evaluation_set is None:
+                evaluation_set = EvaluationSet.load(info, experiment.directory / SPLITS_FILE)
+            probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
+            # Rounded before use, so a first build and any later one from the cache agree.
+            predictions = {
+                split: Predictions(evaluation_set.labels[split], np.round(probabilities[split], 6))
+                for split in probabilities
             }
-            continue
-        if test_set is None:
-            test_set = TestSet.load(experiment.dataset, experiment.directory / SPLITS_FILE)
-        metrics, probabilities = evaluate_checkpoint(checkpoint, test_set, device)
-        results[trial_id] = metrics
-        cache.write_text(
-            json.dumps(
-                {
-                    "checkpoint": checkpoint_name,
-                    "metrics": metrics,
-                    "labels": test_set.labels.tolist(),
-                    "probabilities": np.round(probabilities, 6).tolist(),
-                }
-            )
+            _write_evaluation(cache, checkpoint_name, predictions)
+        results[trial_id] = held_out_metrics(
+            predictions,
+            info.class_names,
+            info.positive_index,
+            target_specificity=target_specificity,
+            resamples=resamples,
         )
     return results
+
+
+def _read_evaluation(path: Path, checkpoint_name: str) -> dict[str, Predictions] | None:
+    """The cached predictions of ``checkpoint_name``; None if absent or of another checkpoint."""
+    if not path.is_file():
+        return None
+    cached = json.loads(path.read_text())
+    if cached.get("checkpoint") != checkpoint_name:
+        return None
+    return {
+        split: Predictions(
+            labels=np.asarray(cached[split]["labels"], dtype=np.int64),
+            probabilities=np.asarray(cached[split]["probabilities"], dtype=np.float64),
+        )
+        for split in ("val", "test")
+    }
+
+
+def _write_evaluation(
+    path: Path, checkpoint_name: str, predictions: dict[str, Predictions]
+) -> None:
+    """Write ``evaluation.json`` whole or not at all, so a killed process leaves no half file."""
+    document: dict[str, Any] = {"checkpoint": checkpoint_name}
+    for split, split_predictions in predictions.items():
+        document[split] = {
+            "labels": split_predictions.labels.tolist(),
+            "probabilities": split_predictions.probabilities.tolist(),
+        }
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(document))
+    partial.replace(path)
 
 
 def format_leaderboard(
@@ -188,6 +332,15 @@ def format_leaderboard(
     """Render as an aligned text table, CSV or Markdown."""
     ranked = leaderboard.ranked.head(top) if top else leaderboard.ranked
     shown = ranked.copy()
+    for name in INTERVAL_METRICS:
+        column = f"test_{name}"
+        shown[column] = [
+            _format_interval(point, low, high)
+            for point, low, high in zip(
+                ranked[column], ranked[f"{column}_low"], ranked[f"{column}_high"], strict=True
+            )
+        ]
+        shown = shown.drop(columns=[f"{column}_low", f"{column}_high"])
     for column in shown.columns:
         if shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(_format_number)
@@ -230,6 +383,13 @@ def _format_number(value: float) -> str:
     if value != 0 and abs(value) < 1e-2:
         return f"{value:.1e}"
     return f"{value:.3f}"
+
+
+def _format_interval(point: float, low: float, high: float) -> str:
+    """``0.933 [0.880, 0.970]``; the estimate alone where the interval is undefined."""
+    if math.isnan(low) or math.isnan(high):
+        return _format_number(point)
+    return f"{_format_number(point)} [{_format_number(low)}, {_format_number(high)}]"
 
 
 def _first_line(text: str) -> str:

@@ -1,4 +1,9 @@
-"""Held-out test evaluation of one checkpoint. The only place the test split is read."""
+"""Evaluation of one chosen checkpoint on val and on the held-out test split.
+
+The only place the test split is read. The val predictions exist only to choose
+an operating threshold; the test predictions are reported and never used for
+any choice.
+"""
 
 from __future__ import annotations
 
@@ -10,52 +15,63 @@ import torch
 
 from cxrtune.analysis.experiment import DatasetInfo
 from cxrtune.trainables.checkpoints import model_from_checkpoint
-from cxrtune.trainables.data import load_image_folder, read_cache
+from cxrtune.trainables.data import ingest, read_cache
 from cxrtune.trainables.engine import evaluate
-from cxrtune.trainables.metrics import classification_metrics
 from cxrtune.trainables.splits import read_splits
+
+EVALUATED_SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
-class TestSet:
-    """The test images and labels of an experiment, and its class facts."""
+class EvaluationSet:
+    """The val and test images and labels of an experiment, and its class facts."""
 
-    images: np.ndarray
-    labels: np.ndarray
+    images: dict[str, np.ndarray]  # split -> N x 1 x H x W uint8, for each of EVALUATED_SPLITS
+    labels: dict[str, np.ndarray]  # split -> N class indices
     class_names: tuple[str, ...]
     positive_index: int
 
     @classmethod
-    def load(cls, info: DatasetInfo, splits_path: Path) -> TestSet:
-        """Read the dataset from its cache (or decode it again) and keep the test split."""
+    def load(cls, info: DatasetInfo, splits_path: Path) -> EvaluationSet:
+        """Read the dataset from its cache (or decode it again) and keep val and test."""
         cache = Path(info.cache_path)
         if cache.is_file():
             dataset = read_cache(cache)
         else:
-            dataset, _ = load_image_folder(info.root, info.image_size)
-        test = read_splits(dataset, splits_path).test
+            # Skipping and dropping give every image the sweep could have used; the
+            # split file then picks exactly the ones it did use.
+            dataset = ingest(
+                info.root,
+                info.image_size,
+                layout=info.layout,
+                skip_bad_images=True,
+                drop_conflicting_duplicates=True,
+            ).dataset
+        splits = read_splits(dataset, splits_path)
         return cls(
-            images=dataset.images[test],
-            labels=dataset.labels[test],
+            images={split: dataset.images[splits.of(split)] for split in EVALUATED_SPLITS},
+            labels={split: dataset.labels[splits.of(split)] for split in EVALUATED_SPLITS},
             class_names=dataset.class_names,
             positive_index=info.positive_index,
         )
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, test_set: TestSet, device: str = "cpu"
-) -> tuple[dict[str, float], np.ndarray]:
-    """``test_``-prefixed metrics and class probabilities of the checkpoint's model on test."""
+    checkpoint: Path, evaluation_set: EvaluationSet, device: str = "cpu"
+) -> dict[str, np.ndarray]:
+    """Class probabilities (``N x C``) of the checkpoint's model on val and on test.
+
+    The model is loaded once. A checkpoint trained on other classes is a ``ValueError``.
+    """
     model, _, state = model_from_checkpoint(checkpoint, device)
-    if list(state["class_names"]) != list(test_set.class_names):
+    if list(state["class_names"]) != list(evaluation_set.class_names):
         raise ValueError(
             f"{checkpoint} was trained on classes {state['class_names']}, "
-            f"the test set has {list(test_set.class_names)}"
+            f"the experiment's data have {list(evaluation_set.class_names)}"
         )
-    images = torch.from_numpy(np.ascontiguousarray(test_set.images)).to(device)
-    labels = torch.as_tensor(test_set.labels, dtype=torch.long, device=device)
-    _, probabilities = evaluate(model, images, labels)
-    scores = classification_metrics(
-        test_set.labels, probabilities, test_set.class_names, test_set.positive_index
-    )
-    return {f"test_{name}": value for name, value in scores.items()}, probabilities
+    probabilities = {}
+    for split in EVALUATED_SPLITS:
+        images = torch.from_numpy(np.ascontiguousarray(evaluation_set.images[split])).to(device)
+        labels = torch.as_tensor(evaluation_set.labels[split], dtype=torch.long, device=device)
+        _, probabilities[split] = evaluate(model, images, labels)
+    return probabilities

@@ -509,18 +509,6 @@ def _read_sizes_and_modes(cache_path: Path) -> tuple[dict[str, int], dict[str, i
     return dict(sizes), dict(modes)
 
 
-def load_image_folder(
-    root: str | Path,
-    image_size: int,
-    *,
-    cache_dir: Path | None = None,
-    progress: Progress | None = None,
-) -> tuple[Dataset, Path]:
-    """Decode an ImageFolder-layout folder (or reuse its cache); every bad file is an error."""
-    result = ingest(root, image_size, layout="imagefolder", cache_dir=cache_dir, progress=progress)
-    return result.dataset, result.cache_path
-
-
 def _normalise_class_name(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 

@@ -1,23 +1,28 @@
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import recall_score, roc_auc_score, roc_curve
 
 from cxrtune.analysis.experiment import DatasetInfo, ExperimentError, read_experiment
 from cxrtune.analysis.leaderboard import (
     COLUMNS,
+    TEST_COLUMNS,
+    Leaderboard,
     best_epoch_row,
     build_leaderboard,
     format_leaderboard,
     write_leaderboard,
 )
+from cxrtune.analysis.statistics import stratified_bootstrap_ci
 from cxrtune.trainables.checkpoints import save_checkpoint
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.data import Dataset, write_cache
@@ -26,6 +31,8 @@ from cxrtune.trainables.splits import stratified_split, write_splits
 
 CLASSES = ("COVID", "Normal", "Pneumonia")
 SIZE = 16
+# Fewer bootstrap resamples than a sweep file may ask for, to keep the tests quick.
+RESAMPLES = 50
 
 
 def make_experiment(root: Path) -> Path:
@@ -44,7 +51,10 @@ def make_experiment(root: Path) -> Path:
     write_cache(dataset, cache)
     splits = stratified_split(labels, val_fraction=0.2, test_fraction=0.2, seed=0)
     write_splits(dataset, splits, experiment / "splits.csv")
-    (experiment / "sweep.yaml").write_text("scheduler_metric: val_macro_auc\nweights: none\n")
+    # No target_specificity: an experiment from before the key, so the default 0.95 holds.
+    (experiment / "sweep.yaml").write_text(
+        f"scheduler_metric: val_macro_auc\nweights: none\nbootstrap_resamples: {RESAMPLES}\n"
+    )
     DatasetInfo(
         root=str(root / "data"),
         synthetic=True,
@@ -104,9 +114,25 @@ def make_experiment(root: Path) -> Path:
     return experiment
 
 
-def test_trials_rank_on_the_validation_metrics_of_their_best_epoch(tmp_path: Path) -> None:
-    leaderboard = build_leaderboard(read_experiment(make_experiment(tmp_path)))
-    ranked = leaderboard.ranked
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Leaderboard]:
+    """One experiment dir and its leaderboard, for the tests that only read them."""
+    experiment = make_experiment(tmp_path_factory.mktemp("built"))
+    return experiment, build_leaderboard(read_experiment(experiment))
+
+
+def saved_predictions(trial_folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    saved = json.loads((trial_folder / "evaluation.json").read_text())
+    return {
+        split: (np.array(saved[split]["labels"]), np.array(saved[split]["probabilities"]))
+        for split in ("val", "test")
+    }
+
+
+def test_trials_rank_on_the_validation_metrics_of_their_best_epoch(
+    built: tuple[Path, Leaderboard],
+) -> None:
+    ranked = built[1].ranked
     assert list(ranked.columns) == list(COLUMNS)
     # Best epochs by val_macro_auc: t1 epoch 2 (0.75, 0.80), t2 epoch 2 (0.50, 0.90),
     # t3 epoch 1 (0.25, 0.65).
@@ -117,23 +143,99 @@ def test_trials_rank_on_the_validation_metrics_of_their_best_epoch(tmp_path: Pat
     assert not ranked["pretrained"].any()
 
 
-def test_test_metrics_come_from_the_chosen_checkpoint_on_the_test_split(tmp_path: Path) -> None:
-    experiment = make_experiment(tmp_path)
-    leaderboard = build_leaderboard(read_experiment(experiment))
-    saved = json.loads((experiment / "t1_baseline_cnn" / "test_evaluation.json").read_text())
+def test_the_test_columns_follow_the_existing_columns_in_their_order() -> None:
+    assert COLUMNS[COLUMNS.index("test_accuracy") - 2 :] == (
+        "test_covid_recall",
+        "test_macro_auc",
+        "test_accuracy",
+        "test_covid_recall_low",
+        "test_covid_recall_high",
+        "test_macro_auc_low",
+        "test_macro_auc_high",
+        "threshold",
+        "test_covid_recall_at_threshold",
+        "test_specificity_at_threshold",
+    )
+
+
+def test_the_chosen_checkpoint_is_evaluated_on_val_and_test(
+    built: tuple[Path, Leaderboard],
+) -> None:
+    experiment, leaderboard = built
+    saved = json.loads((experiment / "t1_baseline_cnn" / "evaluation.json").read_text())
     assert saved["checkpoint"] == "checkpoint_000001"
-    labels, probabilities = np.array(saved["labels"]), np.array(saved["probabilities"])
+    predictions = saved_predictions(experiment / "t1_baseline_cnn")
     splits = pd.read_csv(experiment / "splits.csv")
-    assert len(labels) == (splits["split"] == "test").sum()
+    for split, (labels, probabilities) in predictions.items():
+        expected = splits.loc[splits["split"] == split, "label"].map(CLASSES.index).to_numpy()
+        assert labels.tolist() == expected.tolist()
+        assert probabilities.shape == (len(labels), len(CLASSES))
+    labels, probabilities = predictions["test"]
     expected_auc = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
     row = leaderboard.ranked.set_index("trial_id").loc["t1"]
-    assert row["test_macro_auc"] == pytest.approx(expected_auc, abs=1e-5)
+    assert row["test_macro_auc"] == pytest.approx(expected_auc, abs=1e-12)
     assert 0.0 <= row["test_accuracy"] <= 1.0
 
 
-def test_cached_test_evaluations_are_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_intervals_match_a_bootstrap_of_scikit_learn_metrics_on_the_saved_test_predictions(
+    built: tuple[Path, Leaderboard],
 ) -> None:
+    experiment, leaderboard = built
+    rows = leaderboard.ranked.set_index("trial_id")
+    for trial_id, folder in (("t1", "t1_baseline_cnn"), ("t2", "t2_regularized_cnn")):
+        labels, probabilities = saved_predictions(experiment / folder)["test"]
+        recall = stratified_bootstrap_ci(
+            labels,
+            probabilities,
+            lambda y, p: recall_score(y, p.argmax(axis=1), labels=[0], average="macro"),
+            resamples=RESAMPLES,
+        )
+        auc = stratified_bootstrap_ci(
+            labels,
+            probabilities,
+            lambda y, p: roc_auc_score(y, p, multi_class="ovr", average="macro"),
+            resamples=RESAMPLES,
+        )
+        row = rows.loc[trial_id]
+        assert (row["test_covid_recall_low"], row["test_covid_recall_high"]) == recall
+        assert (row["test_macro_auc_low"], row["test_macro_auc_high"]) == pytest.approx(auc)
+        assert row["test_macro_auc_low"] < row["test_macro_auc_high"]
+
+
+def test_the_threshold_is_chosen_on_val_and_its_recall_and_specificity_measured_on_test(
+    built: tuple[Path, Leaderboard],
+) -> None:
+    experiment, leaderboard = built
+    rows = leaderboard.ranked.set_index("trial_id")
+    for trial_id, folder in (("t1", "t1_baseline_cnn"), ("t2", "t2_regularized_cnn")):
+        predictions = saved_predictions(experiment / folder)
+        val_labels, val_probabilities = predictions["val"]
+        false_positive_rate, _, thresholds = roc_curve(
+            val_labels == 0, val_probabilities[:, 0], drop_intermediate=False
+        )
+        threshold = thresholds[1 - false_positive_rate >= 0.95].min()  # the default target
+        test_labels, test_probabilities = predictions["test"]
+        called = test_probabilities[:, 0] >= threshold
+        row = rows.loc[trial_id]
+        assert row["threshold"] == threshold
+        assert row["test_covid_recall_at_threshold"] == recall_score(test_labels == 0, called)
+        assert row["test_specificity_at_threshold"] == recall_score(test_labels != 0, ~called)
+
+
+def test_a_sweep_file_sets_the_target_specificity(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path)
+    sweep = experiment / "sweep.yaml"
+    sweep.write_text(sweep.read_text() + "target_specificity: 0.5\n")
+    leaderboard = build_leaderboard(read_experiment(experiment))
+    val_labels, val_probabilities = saved_predictions(experiment / "t1_baseline_cnn")["val"]
+    false_positive_rate, _, thresholds = roc_curve(
+        val_labels == 0, val_probabilities[:, 0], drop_intermediate=False
+    )
+    row = leaderboard.ranked.set_index("trial_id").loc["t1"]
+    assert row["threshold"] == thresholds[1 - false_positive_rate >= 0.5].min()
+
+
+def test_cached_evaluations_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     experiment = make_experiment(tmp_path)
     first = build_leaderboard(read_experiment(experiment))
     import cxrtune.analysis.test_evaluation as test_evaluation
@@ -145,17 +247,73 @@ def test_cached_test_evaluations_are_reused(
     pd.testing.assert_frame_equal(first.ranked, second.ranked)
 
 
-def test_errored_trials_are_listed_apart_with_their_error(tmp_path: Path) -> None:
-    leaderboard = build_leaderboard(read_experiment(make_experiment(tmp_path)))
+def test_an_evaluation_of_another_checkpoint_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = make_experiment(tmp_path)
+    build_leaderboard(read_experiment(experiment))
+    cache = experiment / "t2_regularized_cnn" / "evaluation.json"
+    saved = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**saved, "checkpoint": "checkpoint_000000"}))
+    import cxrtune.analysis.test_evaluation as test_evaluation
+
+    evaluated: list[str] = []
+    evaluate = test_evaluation.evaluate_checkpoint
+
+    def counting_evaluate(checkpoint: Path, *args: Any, **kwargs: Any) -> Any:
+        evaluated.append(checkpoint.parent.name)
+        return evaluate(checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(test_evaluation, "evaluate_checkpoint", counting_evaluate)
+    build_leaderboard(read_experiment(experiment))
+    assert evaluated == ["t2_regularized_cnn"]
+    assert json.loads(cache.read_text())["checkpoint"] == "checkpoint_000001"
+
+
+def test_building_a_leaderboard_leaves_the_reported_results_untouched(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path)
+    results = sorted(experiment.glob("*/result.json"))
+    before = [path.read_text() for path in results]
+    build_leaderboard(read_experiment(experiment))
+    assert [path.read_text() for path in results] == before
+    reported = {key for text in before for line in text.splitlines() for key in json.loads(line)}
+    assert not [key for key in reported if key.startswith("test_")]
+
+
+def test_tables_show_each_interval_beside_its_estimate(built: tuple[Path, Leaderboard]) -> None:
+    leaderboard = built[1]
+    row = leaderboard.ranked.iloc[0]
+    merged = (
+        f"{row['test_macro_auc']:.3f} "
+        f"[{row['test_macro_auc_low']:.3f}, {row['test_macro_auc_high']:.3f}]"
+    )
+    for style in ("table", "md"):
+        text = format_leaderboard(leaderboard, style=style)
+        assert merged in text
+        assert "test_macro_auc_low" not in text and "test_covid_recall_high" not in text
+    csv = pd.read_csv(io.StringIO(format_leaderboard(leaderboard, style="csv")))
+    assert list(csv.columns) == list(COLUMNS)
+    assert csv.loc[0, "test_macro_auc_low"] == pytest.approx(row["test_macro_auc_low"], rel=1e-12)
+
+
+def test_without_test_evaluation_the_test_columns_are_empty(tmp_path: Path) -> None:
+    leaderboard = build_leaderboard(read_experiment(make_experiment(tmp_path)), evaluate_test=False)
+    assert leaderboard.ranked[list(TEST_COLUMNS)].isna().all(axis=None)
+    assert not list((tmp_path / "exp").glob("*/evaluation.json"))
+    row_text = next(line for line in format_leaderboard(leaderboard).splitlines() if " t1 " in line)
+    assert "nan" not in row_text.lower() and " - " in row_text
+
+
+def test_errored_trials_are_listed_apart_with_their_error(built: tuple[Path, Leaderboard]) -> None:
+    leaderboard = built[1]
     assert leaderboard.failed["trial_id"].tolist() == ["t4"]
     assert "NonFiniteLossError" in leaderboard.failed.loc[0, "error"]
     text = format_leaderboard(leaderboard)
     assert "1 trial(s) failed" in text and "NonFiniteLossError: training loss became nan" in text
 
 
-def test_the_leaderboard_files_are_written(tmp_path: Path) -> None:
-    experiment = make_experiment(tmp_path)
-    leaderboard = build_leaderboard(read_experiment(experiment))
+def test_the_leaderboard_files_are_written(built: tuple[Path, Leaderboard]) -> None:
+    experiment, leaderboard = built
     write_leaderboard(leaderboard, experiment)
     table = pd.read_csv(experiment / "leaderboard.csv")
     assert table["trial_id"].tolist() == ["t1", "t2", "t3"]

@@ -105,7 +105,7 @@ def test_the_quickstart_ranks_all_three_families_and_beats_the_intensity_baselin
 def write_user_dataset(root: Path) -> None:
     """A small real-world-shaped folder: spaces, nesting, RGB and 16-bit PNGs, JPEGs."""
     rng = np.random.default_rng(0)
-    classes = {"COVID-19": 14, "Lung Opacity": 14, "Normal": 16, "Viral Pneumonia": 14}
+    classes = {"COVID-19": 20, "Lung Opacity": 20, "Normal": 22, "Viral Pneumonia": 20}
     for class_index, (name, count) in enumerate(classes.items()):
         for index in range(count):
             base = rng.integers(0, 120, (40, 40)).astype(np.float64)
@@ -123,12 +123,18 @@ def write_user_dataset(root: Path) -> None:
                 )
 
 
-def test_a_user_image_folder_sweeps_and_ranks(tmp_path: Path, local_ray: None) -> None:
+def test_a_user_image_folder_sweeps_and_ranks_skipping_bad_files(
+    tmp_path: Path, local_ray: None
+) -> None:
     data = tmp_path / "my xrays"
     write_user_dataset(data)
+    (data / "Normal" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    (data / "Normal" / "notes.png").write_text("a text file")
+    (data / "COVID-19" / "empty.jpg").write_bytes(b"")
     config = load_sweep_config(
         None,
         [
+            "skip_bad_images=true",
             f"data={data}",
             f"storage_path={tmp_path / 'results'}",
             "image_size=32",
@@ -144,8 +150,11 @@ def test_a_user_image_folder_sweeps_and_ranks(tmp_path: Path, local_ray: None) -
     assert set(leaderboard.ranked["family"]) == FAMILIES
     assert leaderboard.ranked["test_macro_auc"].notna().all()
     splits = pd.read_csv(outcome.experiment_dir / "splits.csv")
-    assert len(splits) == 58 and set(splits["split"]) == {"train", "val", "test"}
+    assert len(splits) == 82 and set(splits["split"]) == {"train", "val", "test"}
     assert "COVID-19/site a/scans/img 0.png" in set(splits["path"])
+    report = (outcome.experiment_dir / "ingest_report.txt").read_text()
+    assert "Unreadable files (skipped): 3" in report
+    assert "3 images skipped" in leaderboard.header
 
 
 @pytest.fixture
@@ -175,7 +184,7 @@ def test_errored_trials_are_listed_apart_with_their_error(
             f"space={misconfigured_space}",
             "families=[baseline_cnn]",
             "max_failures=0",
-            "synthetic.n=100",
+            "synthetic.n=200",
             "synthetic.size=32",
         ],
     )

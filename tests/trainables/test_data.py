@@ -11,11 +11,17 @@ from PIL import Image
 from cxrtune.trainables import data
 from cxrtune.trainables.data import (
     DataError,
+    Dataset,
     decode_image,
     find_positive_class,
-    load_image_folder,
+    ingest,
 )
 from tests.conftest import write_png
+
+
+def load_image_folder(root: Path, size: int) -> tuple[Dataset, Path]:
+    result = ingest(root, size, layout="imagefolder")
+    return result.dataset, result.cache_path
 
 
 def test_an_image_folder_becomes_uint8_n_by_1_by_h_by_w(
@@ -98,7 +104,7 @@ def test_the_cache_is_reused_without_decoding_again(
 ) -> None:
     root = make_image_folder({"COVID": 2, "Normal": 2})
     first, cache_path = load_image_folder(root, 16)
-    monkeypatch.setattr(data, "decode_image", lambda *args: pytest.fail("decoded again"))
+    monkeypatch.setattr(data, "read_gray", lambda *args: pytest.fail("decoded again"))
     second, second_path = load_image_folder(root, 16)
     assert second_path == cache_path
     assert np.array_equal(first.images, second.images)
