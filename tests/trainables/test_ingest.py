@@ -265,3 +265,32 @@ def test_dicom_files_are_ingested_beside_pngs(tmp_path: Path) -> None:
     result = ingest(root, 16)
     assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
     assert result.report.modes["DICOM"] == 2
+
+
+def test_a_manifest_with_patients_spanning_many_images_splits_without_leaks(
+    tmp_path: Path,
+) -> None:
+    from cxrtune.trainables.splits import group_ids, make_splits
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for patient in range(60):
+        label = ["COVID", "Normal", "Pneumonia"][patient % 3]
+        for image in range(int(rng.integers(1, 6))):
+            rows.append(
+                {
+                    "path": f"p{patient}/{image}.png",
+                    "label": label,
+                    "patient_id": f"patient {patient}",
+                }
+            )
+    dataset = ingest(write_manifest(tmp_path, rows), 16).dataset
+    splits = make_splits(
+        dataset, group_ids(dataset, "patient"), val_fraction=0.15, test_fraction=0.15, seed=0
+    )
+    split_of_patient: dict[str, set[str]] = {}
+    for split in ("train", "val", "test"):
+        for index in splits.of(split):
+            split_of_patient.setdefault(dataset.patients[index], set()).add(split)
+    assert len(split_of_patient) == 60
+    assert all(len(splits_seen) == 1 for splits_seen in split_of_patient.values())
