@@ -31,6 +31,9 @@ LEADERBOARD_MD = "leaderboard.md"
 PARAMS_FILE = "params.json"
 RESULTS_FILE = "result.json"
 ERROR_FILE = "error.txt"
+# The sweep's Optuna study, as an Optuna journal file: `optuna-dashboard <file>` shows it.
+OPTUNA_JOURNAL = "optuna_study.journal"
+OPTUNA_STUDY_NAME = "cxrtune"
 
 
 class ExperimentError(ValueError):

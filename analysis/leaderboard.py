@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,9 @@ class Leaderboard:
     ranked: pd.DataFrame
     failed: pd.DataFrame  # trial_id, family, error
     header: str
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # trial id -> chosen checkpoint
+    # trial id -> split ("val", "test") -> predictions of the chosen checkpoint
+    predictions: dict[str, dict[str, Predictions]] = field(default_factory=dict)
 
 
 def best_epoch_row(results: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
@@ -167,15 +170,21 @@ def build_leaderboard(
 
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     table[list(TEST_COLUMNS)] = math.nan
+    predictions: dict[str, dict[str, Predictions]] = {}
     if evaluate_test and rows:
-        test = _evaluate_chosen_checkpoints(experiment, chosen, device)
+        test, predictions = _evaluate_chosen_checkpoints(experiment, chosen, device)
         for column in TEST_COLUMNS:
             table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
     ranked = rank_trials(table, DEFAULT_OBJECTIVES).drop(columns="pareto_front")
+    directories = {record.trial_id: record.directory for record in experiment.trials}
     return Leaderboard(
         ranked=ranked[list(COLUMNS)],
         failed=pd.DataFrame(failed, columns=["trial_id", "family", "error"]),
         header=leaderboard_header(experiment),
+        checkpoints={
+            trial_id: directories[trial_id] / name for trial_id, name in chosen.items() if name
+        },
+        predictions=predictions,
     )
 
 
@@ -256,8 +265,11 @@ def held_out_metrics(
 
 def _evaluate_chosen_checkpoints(
     experiment: Experiment, chosen: dict[str, str], device: str
-) -> dict[str, dict[str, float]]:
-    """Test columns of each trial's chosen checkpoint; predictions cached in the trial folder."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Predictions]]]:
+    """Test columns and predictions of each trial's chosen checkpoint.
+
+    Predictions are cached in the trial folder (``evaluation.json``).
+    """
     from cxrtune.analysis.test_evaluation import EvaluationSet, evaluate_checkpoint
 
     info = experiment.dataset
@@ -267,6 +279,7 @@ def _evaluate_chosen_checkpoints(
     resamples = int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES))
     by_id = {record.trial_id: record for record in experiment.trials}
     results: dict[str, dict[str, float]] = {}
+    all_predictions: dict[str, dict[str, Predictions]] = {}
     evaluation_set: EvaluationSet | None = None
     for trial_id, checkpoint_name in chosen.items():
         cache = by_id[trial_id].directory / EVALUATION_FILE
@@ -285,6 +298,7 @@ def _evaluate_chosen_checkpoints(
                 for split in probabilities
             }
             _write_evaluation(cache, checkpoint_name, predictions)
+        all_predictions[trial_id] = predictions
         results[trial_id] = held_out_metrics(
             predictions,
             info.class_names,
@@ -292,7 +306,7 @@ def _evaluate_chosen_checkpoints(
             target_specificity=target_specificity,
             resamples=resamples,
         )
-    return results
+    return results, all_predictions
 
 
 def _read_evaluation(path: Path, checkpoint_name: str) -> dict[str, Predictions] | None:
