@@ -322,23 +322,15 @@ def ingest(
     cache_path = cache_dir / f"{fingerprint(listing, chosen.name, image_size)}.npz"
     base = data.parent if data.is_file() else data
     if cache_path.is_file():
-        everything = read_cache(cache_path)
-        failures = _read_failures(cache_path)
+        everything, extras = read_cache(cache_path), read_cache_extras(cache_path)
     else:
         decoded = _decode_all(listing, image_size, progress)
-        everything, failures = _as_dataset(listing, decoded, base)
-        good = decoded.ok
-        write_cache(
-            everything,
-            cache_path,
-            sizes=[size for size, ok in zip(decoded.sizes, good, strict=True) if ok],
-            modes=[mode for mode, ok in zip(decoded.modes, good, strict=True) if ok],
-            failures=failures,
-            notes=listing.notes,
-        )
+        everything, extras = _as_dataset(listing, decoded, base)
+        write_cache(everything, cache_path, extras)
 
-    report = IngestReport(data=str(data), layout=chosen.name, notes=_read_notes(cache_path))
-    report.sizes, report.modes = _read_sizes_and_modes(cache_path)
+    failures = extras.failures
+    report = IngestReport(data=str(data), layout=chosen.name, notes=list(extras.notes))
+    report.sizes, report.modes = dict(Counter(extras.sizes)), dict(Counter(extras.modes))
     report.bad_files = failures
     if failures and not skip_bad_images:
         listing_text = "\n  ".join(f"{bad['path']}: {bad['reason']}" for bad in failures)
@@ -372,9 +364,7 @@ def _check_no_empty_class(dataset: Dataset) -> None:
         raise DataError(f"class(es) left with no readable image: {empty}")
 
 
-def _as_dataset(
-    listing: Listing, decoded: _Decoded, base: Path
-) -> tuple[Dataset, list[dict[str, str]]]:
+def _as_dataset(listing: Listing, decoded: _Decoded, base: Path) -> tuple[Dataset, CacheExtras]:
     class_names = tuple(listing.classes)
     label_of = {name: index for index, name in enumerate(class_names)}
     samples = listing.samples
@@ -394,7 +384,13 @@ def _as_dataset(
         sources=tuple(samples[i].source for i in good),
         fixed_splits=tuple(samples[i].split for i in good),
     )
-    return dataset, failures
+    extras = CacheExtras(
+        failures=failures,
+        notes=list(listing.notes),
+        sizes=[decoded.sizes[i] for i in good],
+        modes=[decoded.modes[i] for i in good],
+    )
+    return dataset, extras
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -434,20 +430,19 @@ def _apply_duplicate_policy(dataset: Dataset, report: IngestReport, drop: bool) 
     return dataset.select(keep)
 
 
-def write_cache(
-    dataset: Dataset,
-    cache_path: Path,
-    *,
-    sizes: Sequence[str] = (),
-    modes: Sequence[str] = (),
-    failures: Sequence[dict[str, str]] = (),
-    notes: Sequence[str] = (),
-) -> None:
-    """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file.
+@dataclass
+class CacheExtras:
+    """What the cache keeps beside the arrays, for the ingest report."""
 
-    ``sizes`` and ``modes`` (per image, for the ingest report), the files that
-    could not be read, and the layout's notes are kept beside the arrays.
-    """
+    failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    notes: list[str] = field(default_factory=list)  # the layout's notes
+    sizes: list[str] = field(default_factory=list)  # per readable image, "W x H"
+    modes: list[str] = field(default_factory=list)  # per readable image, PIL mode or DICOM
+
+
+def write_cache(dataset: Dataset, cache_path: Path, extras: CacheExtras | None = None) -> None:
+    """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file."""
+    extras = extras or CacheExtras()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=".tmp-", suffix=".npz")
     try:
@@ -462,10 +457,10 @@ def write_cache(
                 patients=np.array(dataset.patients, dtype=str),
                 sources=np.array(dataset.sources, dtype=str),
                 fixed_splits=np.array(dataset.fixed_splits, dtype=str),
-                sizes=np.array(list(sizes), dtype=str),
-                modes=np.array(list(modes), dtype=str),
-                failures=np.array(json.dumps(list(failures))),
-                notes=np.array(json.dumps(list(notes))),
+                sizes=np.array(extras.sizes, dtype=str),
+                modes=np.array(extras.modes, dtype=str),
+                failures=np.array(json.dumps(extras.failures)),
+                notes=np.array(json.dumps(extras.notes)),
             )
         os.replace(temporary, cache_path)
     except BaseException:
@@ -492,21 +487,15 @@ def read_cache(cache_path: Path) -> Dataset:
         )
 
 
-def _read_failures(cache_path: Path) -> list[dict[str, str]]:
+def read_cache_extras(cache_path: Path) -> CacheExtras:
+    """The report facts a cache keeps beside its arrays."""
     with np.load(cache_path, allow_pickle=False) as arrays:
-        return list(json.loads(str(arrays["failures"])))
-
-
-def _read_notes(cache_path: Path) -> list[str]:
-    with np.load(cache_path, allow_pickle=False) as arrays:
-        return list(json.loads(str(arrays["notes"])))
-
-
-def _read_sizes_and_modes(cache_path: Path) -> tuple[dict[str, int], dict[str, int]]:
-    with np.load(cache_path, allow_pickle=False) as arrays:
-        sizes = Counter(str(size) for size in arrays["sizes"])
-        modes = Counter(str(mode) for mode in arrays["modes"])
-    return dict(sizes), dict(modes)
+        return CacheExtras(
+            failures=list(json.loads(str(arrays["failures"]))),
+            notes=list(json.loads(str(arrays["notes"]))),
+            sizes=[str(size) for size in arrays["sizes"]],
+            modes=[str(mode) for mode in arrays["modes"]],
+        )
 
 
 def _normalise_class_name(name: str) -> str:
