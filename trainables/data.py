@@ -250,7 +250,7 @@ def _decode_all(listing: Listing, image_size: int, progress: Progress | None) ->
             gray, mode = read_gray(listing.samples[index].path)
             decoded.images[index, 0] = resize(gray, image_size)
         except (*DECODE_ERRORS, DicomError, DataError) as error:
-            decoded.reasons[index] = _reason(error)
+            decoded.reasons[index] = read_error_reason(error)
             return
         decoded.ok[index] = True
         decoded.hashes[index] = content_hash(gray)
@@ -265,7 +265,8 @@ def _decode_all(listing: Listing, image_size: int, progress: Progress | None) ->
     return decoded
 
 
-def _reason(error: BaseException) -> str:
+def read_error_reason(error: BaseException) -> str:
+    """Why a file could not be read, in words for the ingest report and `predict`."""
     if isinstance(error, FileNotFoundError):
         return "file not found"
     if isinstance(error, UnidentifiedImageError):
