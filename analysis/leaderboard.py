@@ -349,7 +349,7 @@ def format_leaderboard(
     for name in INTERVAL_METRICS:
         column = f"test_{name}"
         shown[column] = [
-            _format_interval(point, low, high)
+            format_interval(point, low, high)
             for point, low, high in zip(
                 ranked[column], ranked[f"{column}_low"], ranked[f"{column}_high"], strict=True
             )
@@ -357,12 +357,12 @@ def format_leaderboard(
         shown = shown.drop(columns=[f"{column}_low", f"{column}_high"])
     for column in shown.columns:
         if shown[column].dtype.kind == "f":
-            shown[column] = shown[column].map(_format_number)
+            shown[column] = shown[column].map(format_number)
     if style == "csv":
         return ranked.to_csv(index=False)
     if style == "md":
         body = shown.to_markdown(index=False, disable_numparse=True)
-        failed_rows = leaderboard.failed.assign(error=leaderboard.failed["error"].map(_first_line))
+        failed_rows = leaderboard.failed.assign(error=leaderboard.failed["error"].map(first_line))
         failed = failed_rows.to_markdown(index=False) if len(failed_rows) else ""
         header = "\n".join(f"> {line}  " for line in leaderboard.header.splitlines())
         parts = [header, "", body]
@@ -378,7 +378,7 @@ def format_leaderboard(
         if len(leaderboard.failed):
             parts += ["", f"{len(leaderboard.failed)} trial(s) failed:"]
             parts += [
-                f"  {row.trial_id} {row.family}: {_first_line(str(row.error))}"
+                f"  {row.trial_id} {row.family}: {first_line(str(row.error))}"
                 for row in leaderboard.failed.itertuples()
             ]
         return "\n".join(parts)
@@ -391,7 +391,7 @@ def write_leaderboard(leaderboard: Leaderboard, directory: Path) -> None:
     (directory / LEADERBOARD_MD).write_text(format_leaderboard(leaderboard, style="md"))
 
 
-def _format_number(value: float) -> str:
+def format_number(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if value != 0 and abs(value) < 1e-2:
@@ -399,14 +399,14 @@ def _format_number(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _format_interval(point: float, low: float, high: float) -> str:
+def format_interval(point: float, low: float, high: float) -> str:
     """``0.933 [0.880, 0.970]``; the estimate alone where the interval is undefined."""
     if math.isnan(low) or math.isnan(high):
-        return _format_number(point)
-    return f"{_format_number(point)} [{_format_number(low)}, {_format_number(high)}]"
+        return format_number(point)
+    return f"{format_number(point)} [{format_number(low)}, {format_number(high)}]"
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     # Python tracebacks end with the exception itself, the line that says what went wrong.
     return lines[-1].strip() if lines else text
