@@ -100,6 +100,7 @@ class SweepConfig:
     storage_path: str = "results"  # local folder, NFS mount or s3://bucket/prefix
     max_failures: int = 1  # retries of a failed trial, from its last checkpoint
     checkpoints_to_keep: int = 2  # per trial, best by scheduler_metric (the latest is kept too)
+    mlflow_uri: str | None = None  # MLflow tracking URI: one run per trial; None = no MLflow
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.families) - set(FAMILIES))

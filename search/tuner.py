@@ -1,23 +1,37 @@
 """Build the Ray Tune ``Tuner`` for a sweep: Optuna search, ASHA, resources, storage.
 
 Everything here is wiring; the space comes from ``cxrtune.spaces`` and the
-training from ``cxrtune.trainables``.
+training from ``cxrtune.trainables``. What the sweep leaves for other tools:
+the Optuna study as a journal file in the experiment dir (optuna-dashboard),
+TensorBoard event files in every trial folder, and, when the sweep names an
+``mlflow_uri``, one MLflow run per trial.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune import PlacementGroupFactory
+from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.spaces import get_space
 from cxrtune.trainables.trainable import TrialData, train_trial
+
+if TYPE_CHECKING:
+    import optuna
+
+# The Optuna user attribute holding the Ray trial id, the name the trial folders,
+# the leaderboard and MLflow use.
+RAY_TRIAL_ID_ATTR = "ray_trial_id"
 
 
 def metric_mode(metric: str) -> str:
@@ -61,8 +75,38 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trial_id}_{trial.config.get('family', 'trial')}"
 
 
-def build_searcher(config: SweepConfig, vgg16_weights: str) -> OptunaSearch:
-    """Seeded Optuna search over the sweep's space, one or two objectives."""
+class TrialIdOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config: dict[str, Any] | None = super().suggest(trial_id)
+        # OptunaSearch keeps the Optuna trial it asked for, by Ray trial id, in `_ot_trials`.
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        return config
+
+
+def journal_storage(path: Path) -> optuna.storages.JournalStorage:
+    """The Optuna journal file at ``path`` (created if missing), as a storage.
+
+    It pickles, so the searcher state Ray checkpoints still does: Optuna leaves the
+    thread lock out of the pickle, and the file lock is a pair of paths. The path is
+    kept as given, so a searcher restored from a checkpoint appends to the same file.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def build_searcher(
+    config: SweepConfig, vgg16_weights: str, journal: Path | None = None
+) -> TrialIdOptunaSearch:
+    """Seeded Optuna search over the sweep's space, one or two objectives.
+
+    With ``journal``, the study is kept in that Optuna journal file as study
+    ``cxrtune``, its objectives named; the file must not hold that study yet.
+    Without, it lives in memory (and in Ray's searcher checkpoints) only.
+    """
     import optuna
 
     space = TrialSpace(
@@ -84,20 +128,51 @@ def build_searcher(config: SweepConfig, vgg16_weights: str) -> OptunaSearch:
     first_points = (
         [{"family": family} for family in config.families] if config.try_each_family_first else None
     )
+    storage = None
+    if journal is not None:
+        storage = journal_storage(journal)
+        # Created here rather than by OptunaSearch (which then loads it) to name the
+        # objectives: optuna-dashboard labels its plots with them.
+        study = optuna.create_study(
+            storage=storage,
+            study_name=OPTUNA_STUDY_NAME,
+            directions=["minimize" if mode == "min" else "maximize" for mode in modes],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(config.objectives))
     if len(config.objectives) == 1:
-        return OptunaSearch(
+        return TrialIdOptunaSearch(
             space=space,
             metric=config.objectives[0],
             mode=modes[0],
             sampler=sampler,
             points_to_evaluate=first_points,
+            storage=storage,
+            study_name=OPTUNA_STUDY_NAME,
         )
-    return OptunaSearch(
+    return TrialIdOptunaSearch(
         space=space,
         metric=list(config.objectives),
         mode=modes,
         sampler=sampler,
         points_to_evaluate=first_points,
+        storage=storage,
+        study_name=OPTUNA_STUDY_NAME,
+    )
+
+
+def mlflow_callback(tracking_uri: str, experiment_name: str) -> tune.Callback:
+    """One MLflow run per trial, in the MLflow experiment named after the sweep's.
+
+    The run holds the trial's config as params and every reported metric per epoch
+    (step = epoch); it is named, and tagged ``trial_name``, ``<trainable>_<trial id>``.
+    Checkpoints are not uploaded: ``log_top_models`` adds those of the best trials.
+    """
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(
+        tracking_uri=tracking_uri, experiment_name=experiment_name, save_artifact=False
     )
 
 
@@ -110,7 +185,11 @@ def build_tuner(
     vgg16_weights: str,
     progress: SweepProgress,
 ) -> tune.Tuner:
-    """The ``Tuner`` that runs the sweep; ``data`` goes to the object store once."""
+    """The ``Tuner`` that runs the sweep; ``data`` goes to the object store once.
+
+    The experiment dir ``storage_path/experiment_name`` must exist: the Optuna
+    journal is created in it here.
+    """
     resources = FamilyResourcesFn(
         tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
     )
@@ -123,10 +202,19 @@ def build_tuner(
         grace_period=config.grace_period,
         reduction_factor=config.reduction_factor,
     )
+    # Ray adds a TensorBoard logger by default; naming it keeps the event files when
+    # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set. It logs each metric as ray/tune/<key>.
+    callbacks: list[tune.Callback] = [progress, TBXLoggerCallback()]
+    if config.mlflow_uri:
+        callbacks.append(mlflow_callback(config.mlflow_uri, experiment_name))
+    # Written in place, not through Ray's staging dir. Its name must not end in .json or
+    # .pkl: on resume Ray copies such files from the experiment dir to its staging dir and
+    # later uploads them back, which would put a stale copy over the live journal.
+    journal = Path(storage_path) / experiment_name / OPTUNA_JOURNAL
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(config, vgg16_weights),
+            search_alg=build_searcher(config, vgg16_weights, journal),
             scheduler=scheduler,
             num_samples=config.num_samples,
             max_concurrent_trials=config.max_concurrent_trials or None,
@@ -141,7 +229,7 @@ def build_tuner(
                 checkpoint_score_order=metric_mode(config.scheduler_metric),
             ),
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            callbacks=[progress],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
