@@ -1,8 +1,9 @@
 """The ``cxrtune`` command line.
 
 Exit codes: 0 done; 1 the sweep ran but no trial produced a result; 2 bad input
-(sweep file, dataset, arguments); 130 interrupted. Heavy libraries are imported
-inside the commands, so ``cxrtune --help`` answers at once.
+(sweep file, dataset, arguments, or images ``predict`` could not read); 130
+interrupted. Heavy libraries are imported inside the commands, so
+``cxrtune --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="address of a running Ray cluster (default: start one locally)"
     )
     sweep.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default 20)")
+    sweep.add_argument(
+        "--mlflow-uri",
+        help="also log every trial to this MLflow tracking URI, and the top 3 models "
+        "(needs the mlflow extra)",
+    )
     sweep.set_defaults(handler=run_sweep_command)
 
     leaderboard = commands.add_parser(
@@ -70,6 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard.add_argument("--top", type=int, default=None, help="rows to print (default: all)")
     leaderboard.add_argument("--format", choices=("table", "csv", "md"), default="table")
     leaderboard.set_defaults(handler=run_leaderboard_command)
+
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report with figures of an experiment",
+        description="Write one self-contained HTML report (figures embedded, opens offline) and "
+        "the figures as PNG: leaderboard, Pareto front, ROC curves, confusion matrices, learning "
+        "curves, hyperparameter importance, per-family and imbalance-strategy comparisons.",
+    )
+    report.add_argument("experiment_dir", type=Path)
+    report.add_argument("--top", type=int, default=5, help="trials shown in detail (default 5)")
+    report.add_argument("--out", type=Path, help="output folder (default: EXPERIMENT_DIR/report)")
+    report.set_defaults(handler=run_report_command)
+
+    export = commands.add_parser(
+        "export",
+        help="copy a trained model (or a top-K ensemble) out of an experiment",
+        description="Write one folder holding the chosen checkpoint's weights, its config, class "
+        "names, preprocessing, operating-point threshold and metrics, for `cxrtune predict`.",
+    )
+    export.add_argument("experiment_dir", type=Path)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", help="the trial id to export")
+    which.add_argument("--rank", type=int, help="the leaderboard rank to export (1 = best)")
+    which.add_argument("--ensemble", type=int, metavar="K", help="average the top K trials")
+    export.add_argument("--out", type=Path, required=True, help="new output folder")
+    export.set_defaults(handler=run_export_command)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify X-ray images with an exported model",
+        description="Print each image's class probabilities and the thresholded COVID call. "
+        "Accepts PNG, JPEG and DICOM files and folders; unreadable files are reported and "
+        "skipped.",
+    )
+    predict.add_argument("model_dir", type=Path, help="a folder written by `cxrtune export`")
+    predict.add_argument("inputs", type=Path, nargs="+", help="images or folders of images")
+    predict.add_argument("--gradcam", type=Path, metavar="OUT_DIR", help="write Grad-CAM overlays")
+    predict.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write the table as CSV")
+    predict.set_defaults(handler=run_predict_command)
 
     data = commands.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -165,6 +210,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ingest_overrides(args)
     if args.data is not None:
         overrides.append(f"data={args.data}")
+    if args.mlflow_uri is not None:
+        overrides.append(f"mlflow_uri={args.mlflow_uri}")
     config = load_sweep_config(args.sweep_file, overrides)
     outcome = run_sweep(config, name=args.name, address=args.address)
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
@@ -173,6 +220,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     print()
     print(format_leaderboard(leaderboard, top=args.top))
     print(f"\nLeaderboard written to {outcome.experiment_dir}/leaderboard.csv and leaderboard.md")
+    if config.mlflow_uri and len(leaderboard.ranked):
+        from cxrtune.analysis.mlflow_export import log_top_models
+
+        logged = log_top_models(outcome.experiment_dir, config.mlflow_uri)
+        print(f"The top {len(logged)} models were logged to MLflow at {config.mlflow_uri}")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
 
@@ -192,6 +244,45 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
         end="\n" if args.format == "table" else "",
     )
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.html_report import write_report
+
+    html = write_report(args.experiment_dir, top=args.top, out_dir=args.out)
+    print(f"Report written to {html}")
+    return EXIT_OK
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.export import export_model
+
+    out = export_model(
+        args.experiment_dir, args.out, trial_id=args.trial, rank=args.rank, ensemble=args.ensemble
+    )
+    print(f"Model written to {out}")
+    return EXIT_OK
+
+
+def run_predict_command(args: argparse.Namespace) -> int:
+    """Exit 0 when every input was classified, 2 when some could not be read."""
+    from cxrtune.analysis.export import load_exported
+    from cxrtune.analysis.gradcam import write_gradcam_overlays
+    from cxrtune.analysis.predict import predict_paths
+
+    model = load_exported(args.model_dir)
+    table, bad_files = predict_paths(model, args.inputs)
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda value: f"{value:.3f}"))
+    for path, reason in bad_files:
+        print(f"cxrtune: cannot read {path}: {reason}", file=sys.stderr)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"Predictions written to {args.csv}")
+    if args.gradcam and len(table):
+        overlays = write_gradcam_overlays(model, list(table["path"]), args.gradcam)
+        print(f"{len(overlays)} Grad-CAM overlays written to {args.gradcam}")
+    return EXIT_BAD_INPUT if bad_files else EXIT_OK
 
 
 def run_synth_command(args: argparse.Namespace) -> int:
@@ -214,6 +305,7 @@ def run_synth_command(args: argparse.Namespace) -> int:
 
 def _input_error_types() -> tuple[type[BaseException], ...]:
     from cxrtune.analysis.experiment import ExperimentError
+    from cxrtune.analysis.export import ExportError
     from cxrtune.search.config import SweepConfigError
     from cxrtune.trainables.config import ConfigError
     from cxrtune.trainables.data import DataError
@@ -224,6 +316,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
         ConfigError,
         DataError,
         ExperimentError,
+        ExportError,
         WeightsUnavailableError,
         FileNotFoundError,
         FileExistsError,
@@ -234,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxrtune`` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "sweep" and not args.address:
-        from cxrtune.search.sweep import use_loopback_ray
+        from cxrtune.search.ray_environment import use_loopback_ray
 
         use_loopback_ray()
     try:

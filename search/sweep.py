@@ -24,6 +24,10 @@ from cxrtune.analysis.experiment import (
     DatasetInfo,
 )
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
+from cxrtune.search.ray_environment import (
+    QUIET_TUNE_ENVIRONMENT,
+    use_loopback_ray,
+)
 from cxrtune.trainables.data import (
     Dataset,
     IngestReport,
@@ -169,28 +173,6 @@ def write_experiment_files(directory: Path, config: SweepConfig, prepared: Prepa
     write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE, prepared.groups)
 
 
-# Read by Ray when it is imported, so they are set before the first ``import ray``.
-LOOPBACK_RAY_ENVIRONMENT = {
-    # Otherwise Ray swaps 127.0.0.1 for the machine's outward address and its servers
-    # listen on every interface. This is the switch Ray itself uses to keep a laptop's
-    # single-node instance on loopback.
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-# Read when a sweep starts.
-QUIET_TUNE_ENVIRONMENT = {
-    # The legacy reporter at verbosity 0 prints nothing; the sweep prints its own progress.
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # A checkpoint every epoch is intended, not a misconfiguration to warn about.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
-
-
-def use_loopback_ray() -> None:
-    """Keep a locally started Ray on 127.0.0.1; call before Ray is first imported."""
-    for name, value in LOOPBACK_RAY_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-
-
 def start_ray(address: str | None) -> None:
     """Connect to a running cluster at ``address``, or start a private local one on loopback."""
     if not address:
@@ -224,6 +206,8 @@ def run_sweep(
     config: SweepConfig, *, name: str | None = None, address: str | None = None
 ) -> SweepOutcome:
     """Run the whole sweep; the experiment dir holds everything afterwards."""
+    if not address:
+        use_loopback_ray()  # before the imports below bring Ray in
     from cxrtune.search.progress import SweepProgress
     from cxrtune.search.tuner import build_tuner
     from cxrtune.trainables.models import resolve_vgg16_weights
@@ -231,6 +215,15 @@ def run_sweep(
     experiment_dir, experiment_name = experiment_dir_for(config, name)
     # Resolved before any data work or trial, so an offline machine fails at once.
     vgg16_weights = resolve_vgg16_weights(config.weights) if "vgg16" in config.families else "none"
+    if config.mlflow_uri:
+        # Also before any data work: MLflow missing, or refusing a local store URI, fails
+        # at once. A server is not contacted until the first trial starts.
+        from cxrtune.analysis.mlflow_export import MLflowError, tracking_client
+
+        try:
+            tracking_client(config.mlflow_uri)
+        except MLflowError as error:
+            raise SweepConfigError(f"mlflow_uri: {error}") from error
     prepared = prepare_data(config)
     write_experiment_files(experiment_dir, config, prepared)
     print(describe_data(prepared.info))

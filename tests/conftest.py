@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrtune.search.sweep import use_loopback_ray
+from cxrtune.search.ray_environment import use_loopback_ray
 
 # Every Ray instance the tests start listens on 127.0.0.1 only.
 use_loopback_ray()

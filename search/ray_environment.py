@@ -1,0 +1,29 @@
+"""Environment variables Ray reads, set before Ray is imported or started.
+
+Kept free of heavy imports, so the command line can set them first thing.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by Ray when it is imported, so they are set before the first ``import ray``.
+LOOPBACK_RAY_ENVIRONMENT = {
+    # Otherwise Ray swaps 127.0.0.1 for the machine's outward address and its servers
+    # listen on every interface. This is the switch Ray itself uses to keep a laptop's
+    # single-node instance on loopback.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+# Read when a sweep starts.
+QUIET_TUNE_ENVIRONMENT = {
+    # The legacy reporter at verbosity 0 prints nothing; the sweep prints its own progress.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # A checkpoint every epoch is intended, not a misconfiguration to warn about.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def use_loopback_ray() -> None:
+    """Keep a locally started Ray on 127.0.0.1; call before Ray is first imported."""
+    for name, value in LOOPBACK_RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
