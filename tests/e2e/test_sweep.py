@@ -62,28 +62,36 @@ def intensity_baseline_auc(cache_path: Path) -> float:
     return float(roc_auc_score(dataset.labels, probabilities, multi_class="ovr"))
 
 
-def test_the_quickstart_ranks_all_three_families_and_beats_the_intensity_baseline(
-    tmp_path: Path,
-) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxrtune.search.cli",
-            "sweep",
-            str(REPO / "sweeps/quickstart.yaml"),
-            "--set",
-            f"storage_path={tmp_path}",
-            "--name",
-            "quickstart",
-        ],
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cxrtune.search.cli", *args],
         capture_output=True,
         text=True,
         timeout=900,
     )
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's quickstart sweep, run once through the command line."""
+    storage = tmp_path_factory.mktemp("results")
+    result = run_cli(
+        "sweep",
+        str(REPO / "sweeps/quickstart.yaml"),
+        "--set",
+        f"storage_path={storage}",
+        "--name",
+        "quickstart",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Leaderboard written" in result.stdout
-    experiment = tmp_path / "quickstart"
+    return storage / "quickstart"
+
+
+def test_the_quickstart_ranks_all_three_families_and_beats_the_intensity_baseline(
+    quickstart: Path,
+) -> None:
+    experiment = quickstart
     leaderboard = pd.read_csv(experiment / "leaderboard.csv")
     assert set(leaderboard["family"]) == FAMILIES
     assert leaderboard["rank"].tolist() == list(range(1, len(leaderboard) + 1))
@@ -100,6 +108,66 @@ def test_the_quickstart_ranks_all_three_families_and_beats_the_intensity_baselin
     assert checkpoints
     state = read_checkpoint(checkpoints[0])
     assert state["trial_config"]["family"] in FAMILIES
+
+
+def test_an_exported_model_reproduces_the_leaderboard_on_the_test_images(
+    quickstart: Path, tmp_path: Path
+) -> None:
+    leaderboard = pd.read_csv(quickstart / "leaderboard.csv", dtype={"trial_id": str})
+    model = tmp_path / "model"
+    exported = run_cli("export", str(quickstart), "--rank", "1", "--out", str(model))
+    assert exported.returncode == 0, exported.stderr
+    splits = pd.read_csv(quickstart / "splits.csv", keep_default_na=False)
+    test = splits[splits["split"] == "test"]
+    root = Path(read_experiment(quickstart).dataset.root)
+    predictions = tmp_path / "predictions.csv"
+    predicted = run_cli(
+        "predict",
+        str(model),
+        *[str(root / path) for path in test["path"]],
+        "--csv",
+        str(predictions),
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    table = pd.read_csv(predictions)
+    dataset = read_experiment(quickstart).dataset
+    classes, positive = list(dataset.class_names), dataset.positive_index
+    labels = test["label"].map(classes.index).to_numpy()
+    probabilities = table[classes].to_numpy()
+    best = leaderboard.iloc[0]
+    auc = roc_auc_score(labels, probabilities, multi_class="ovr")
+    assert auc == pytest.approx(best["test_macro_auc"], abs=1e-4)
+    recall = np.mean(probabilities[labels == positive].argmax(axis=1) == positive)
+    assert recall == pytest.approx(best["test_covid_recall"], abs=1e-9)
+
+
+def test_grad_cam_overlays_of_every_family_are_not_blank(quickstart: Path, tmp_path: Path) -> None:
+    leaderboard = pd.read_csv(quickstart / "leaderboard.csv", dtype={"trial_id": str})
+    splits = pd.read_csv(quickstart / "splits.csv", keep_default_na=False)
+    root = Path(read_experiment(quickstart).dataset.root)
+    image = str(root / splits[splits["split"] == "test"]["path"].iloc[0])
+    for family in sorted(FAMILIES):
+        trial = leaderboard[leaderboard["family"] == family]["trial_id"].iloc[0]
+        model = tmp_path / family
+        assert (
+            run_cli("export", str(quickstart), "--trial", trial, "--out", str(model)).returncode
+            == 0
+        )
+        overlays = tmp_path / f"{family}-gradcam"
+        result = run_cli("predict", str(model), image, "--gradcam", str(overlays))
+        assert result.returncode == 0, result.stderr
+        (overlay,) = overlays.glob("*.png")
+        pixels = np.asarray(Image.open(overlay).convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{family} overlay is blank"
+
+
+def test_the_report_of_the_quickstart_embeds_every_figure(quickstart: Path, tmp_path: Path) -> None:
+    result = run_cli("report", str(quickstart), "--top", "3", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    html = (tmp_path / "report.html").read_text()
+    figures = sorted(tmp_path.glob("*.png"))
+    assert len(figures) >= 3 + 3 * 3  # overview figures and three per top trial
+    assert html.count("data:image/png;base64,") >= len(figures)
 
 
 def write_user_dataset(root: Path) -> None:
