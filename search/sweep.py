@@ -247,9 +247,9 @@ def run_sweep(
 
 def describe_data(info: DatasetInfo) -> str:
     """One paragraph on the data a sweep uses: source, classes, split sizes."""
-    source = "SYNTHETIC (embedded demo set, not real X-rays)" if info.synthetic else info.root
+    source = "SYNTHETIC embedded demo set, not real X-rays" if info.synthetic else info.root
     lines = [
-        f"Data: {source} (layout {info.layout})",
+        f"Data: {source}; layout {info.layout}",
         f"  positive class: {info.positive_class}",
         f"  split grouped by: {info.grouping} ({info.groups} groups); "
         f"exact duplicates: {info.duplicate_images}; skipped: {info.skipped_images}; "
