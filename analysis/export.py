@@ -41,18 +41,15 @@ from torch import nn
 
 from cxrtune.analysis.experiment import Experiment, read_experiment
 from cxrtune.analysis.leaderboard import (
-    DEFAULT_BOOTSTRAP_RESAMPLES,
     DEFAULT_TARGET_SPECIFICITY,
     TEST_COLUMNS,
     Leaderboard,
-    Predictions,
     build_leaderboard,
-    held_out_metrics,
+    ensemble_metrics,
 )
 from cxrtune.trainables.checkpoints import model_from_checkpoint
 from cxrtune.trainables.config import ConfigError, TrialConfig
 from cxrtune.trainables.engine import evaluate
-from cxrtune.trainables.metrics import classification_metrics
 from cxrtune.trainables.models import GRAY_MEAN, GRAY_STD, create_model
 
 __all__ = [
@@ -225,7 +222,10 @@ def _describe(
         threshold = float(row["threshold"])
         metrics = {key: float(row[key]) for key in METRIC_KEYS}
     else:
-        threshold, metrics = _ensemble_metrics(experiment, leaderboard, trial_ids)
+        try:
+            threshold, metrics = ensemble_metrics(experiment, leaderboard, trial_ids)
+        except ValueError as error:
+            raise ExportError(str(error)) from error
     description = {
         "format_version": FORMAT_VERSION,
         "members": members,
@@ -247,40 +247,6 @@ def _describe(
         },
     }
     return description, weights
-
-
-def _ensemble_metrics(
-    experiment: Experiment, leaderboard: Leaderboard, trial_ids: list[str]
-) -> tuple[float, dict[str, float]]:
-    """Threshold and metrics of the averaged members, from their saved val and test predictions."""
-    missing = [trial_id for trial_id in trial_ids if trial_id not in leaderboard.predictions]
-    if missing:
-        raise ExportError(f"trial(s) {missing} have no val and test predictions to average")
-    averaged = {
-        split: Predictions(
-            labels=leaderboard.predictions[trial_ids[0]][split].labels,
-            probabilities=np.mean(
-                [leaderboard.predictions[t][split].probabilities for t in trial_ids], axis=0
-            ),
-        )
-        for split in ("val", "test")
-    }
-    info = experiment.dataset
-    columns = held_out_metrics(
-        averaged,
-        info.class_names,
-        info.positive_index,
-        target_specificity=float(
-            experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-        ),
-        resamples=int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)),
-    )
-    val = classification_metrics(
-        averaged["val"].labels, averaged["val"].probabilities, info.class_names, info.positive_index
-    )
-    threshold = columns.pop("threshold")
-    metrics = {"val_covid_recall": val["covid_recall"], "val_macro_auc": val["macro_auc"]}
-    return threshold, {**metrics, **columns}
 
 
 def _json_number(value: float) -> float | None:

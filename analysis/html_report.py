@@ -344,12 +344,27 @@ def write_report(
         ],
     )
 
+    averaged = report.ensemble_comparison(experiment, leaderboard, top)
+    ensemble = _section(
+        "ensemble",
+        f"Top-{top} ensemble",
+        [
+            "<p>The best trial beside the average of the top trials' probabilities, as "
+            "<code>cxrtune export --ensemble</code> writes it; its threshold is chosen on the "
+            "averaged val predictions, and test is used only to report.</p>",
+            _side_by_side(averaged, "model"),
+        ]
+        if len(averaged)
+        else [_note("An ensemble needs at least two ranked trials with saved predictions.")],
+    )
+
     sections = [
         _leaderboard_section(leaderboard, top),
         _data_section(experiment.directory, report.split_counts(experiment.dataset)),
         pareto,
         families,
         imbalance,
+        ensemble,
         _trial_sections(experiment, leaderboard, top, figures),
         _importance_section(experiment.directory, objectives, figures),
     ]

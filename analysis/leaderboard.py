@@ -263,6 +263,45 @@ def held_out_metrics(
     return columns
 
 
+def ensemble_metrics(
+    experiment: Experiment, leaderboard: Leaderboard, trial_ids: Sequence[str]
+) -> tuple[float, dict[str, float]]:
+    """Threshold and metrics of the trials' averaged probabilities, like a leaderboard row.
+
+    Val and test predictions of the members are averaged; the threshold is chosen on the
+    averaged val predictions, the test columns come from ``held_out_metrics``. A member
+    without saved predictions is a ``ValueError``.
+    """
+    missing = [trial_id for trial_id in trial_ids if trial_id not in leaderboard.predictions]
+    if missing:
+        raise ValueError(f"trial(s) {missing} have no val and test predictions to average")
+    averaged = {
+        split: Predictions(
+            labels=leaderboard.predictions[trial_ids[0]][split].labels,
+            probabilities=np.mean(
+                [leaderboard.predictions[t][split].probabilities for t in trial_ids], axis=0
+            ),
+        )
+        for split in ("val", "test")
+    }
+    info = experiment.dataset
+    columns = held_out_metrics(
+        averaged,
+        info.class_names,
+        info.positive_index,
+        target_specificity=float(
+            experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
+        ),
+        resamples=int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)),
+    )
+    val = classification_metrics(
+        averaged["val"].labels, averaged["val"].probabilities, info.class_names, info.positive_index
+    )
+    threshold = columns.pop("threshold")
+    metrics = {"val_covid_recall": val["covid_recall"], "val_macro_auc": val["macro_auc"]}
+    return threshold, {**metrics, **columns}
+
+
 def _evaluate_chosen_checkpoints(
     experiment: Experiment, chosen: dict[str, str], device: str
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Predictions]]]:

@@ -24,11 +24,14 @@ from cxrtune.analysis.experiment import (
     OPTUNA_JOURNAL,
     OPTUNA_STUDY_NAME,
     DatasetInfo,
+    Experiment,
     TrialRecord,
 )
 from cxrtune.analysis.leaderboard import (
     HYPERPARAMETERS,
+    Leaderboard,
     Predictions,
+    ensemble_metrics,
     format_interval,
     format_number,
 )
@@ -286,6 +289,34 @@ def family_comparison(ranked: pd.DataFrame, families: Sequence[str] = FAMILIES) 
     order = _family_order([*families, *best.index])
     table = best.reindex(order).rename_axis("family").reset_index()
     return table[columns].astype({"rank": "Int64"})
+
+
+def ensemble_comparison(
+    experiment: Experiment, leaderboard: Leaderboard, size: int
+) -> pd.DataFrame:
+    """The best trial beside the average of the top ``size`` trials' probabilities.
+
+    The ensemble is what ``cxrtune export --ensemble`` writes: its threshold is chosen on
+    the averaged val predictions. Fewer than two trials with predictions give no rows.
+    """
+    columns = [
+        "model",
+        *DEFAULT_OBJECTIVES,
+        *_interval_columns(),
+        "test_accuracy",
+        "threshold",
+        "test_covid_recall_at_threshold",
+        "test_specificity_at_threshold",
+    ]
+    ranked = leaderboard.ranked
+    members = [trial for trial in ranked["trial_id"] if trial in leaderboard.predictions][:size]
+    if len(members) < 2:
+        return pd.DataFrame(columns=columns)
+    best = ranked[ranked["trial_id"] == members[0]].iloc[0]
+    single = {"model": f"rank {best['rank']} ({best['trial_id']})", **best.to_dict()}
+    threshold, metrics = ensemble_metrics(experiment, leaderboard, members)
+    averaged = {"model": f"top-{len(members)} ensemble", "threshold": threshold, **metrics}
+    return pd.DataFrame([single, averaged])[columns]
 
 
 def imbalance_comparison(ranked: pd.DataFrame) -> pd.DataFrame:

@@ -475,3 +475,23 @@ def test_a_report_of_an_experiment_where_no_trial_reported_still_says_so(tmp_pat
     text = write_report(experiment).read_text()
     assert "No trial reported a result." in text
     assert "4 trial(s) failed" in text
+
+
+def test_the_ensemble_row_is_the_average_of_the_top_trials_probabilities(tmp_path: Path) -> None:
+    from cxrtune.analysis.experiment import read_experiment
+    from cxrtune.analysis.leaderboard import build_leaderboard
+    from cxrtune.trainables.metrics import classification_metrics
+
+    experiment = read_experiment(make_report_experiment(tmp_path))
+    leaderboard = build_leaderboard(experiment)
+    table = report.ensemble_comparison(experiment, leaderboard, 2)
+    top = list(leaderboard.ranked["trial_id"][:2])
+    assert table["model"].tolist() == [f"rank 1 ({top[0]})", "top-2 ensemble"]
+    averaged = np.mean([leaderboard.predictions[t]["test"].probabilities for t in top], axis=0)
+    labels = leaderboard.predictions[top[0]]["test"].labels
+    expected = classification_metrics(
+        labels, averaged, experiment.dataset.class_names, experiment.dataset.positive_index
+    )
+    assert table.loc[1, "test_macro_auc"] == pytest.approx(expected["macro_auc"])
+    assert table.loc[0, "test_macro_auc"] == leaderboard.ranked.loc[0, "test_macro_auc"]
+    assert report.ensemble_comparison(experiment, leaderboard, 1).empty
