@@ -88,10 +88,10 @@ def run_search(
 
     from cxrtune.search.tuner import (
         FamilyResourcesFn,
-        TrialSpace,
         build_searcher,
         metric_mode,
         trial_dirname,
+        trial_space,
     )
     from cxrtune.trainables.trainable import train_trial
 
@@ -131,16 +131,7 @@ def run_search(
         )
         num_samples = budget  # every trial runs at least one epoch: the budget ends it first
     elif kind == "random":
-        space = TrialSpace(
-            space=config.space,
-            families=tuple(config.families),
-            fixed=(
-                ("max_epochs", config.max_epochs),
-                ("seed", config.seed),
-                ("optimizer", config.optimizer),
-            ),
-            vgg16_weights="none",
-        )
+        space = trial_space(config, "none")
         search_alg = OptunaSearch(
             space=space,
             metric=METRIC,

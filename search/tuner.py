@@ -75,6 +75,20 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trial_id}_{trial.config.get('family', 'trial')}"
 
 
+def trial_space(config: SweepConfig, vgg16_weights: str) -> TrialSpace:
+    """The sweep's define-by-run space, with the values every trial gets fixed."""
+    return TrialSpace(
+        space=config.space,
+        families=tuple(config.families),
+        fixed=(
+            ("max_epochs", config.max_epochs),
+            ("seed", config.seed),
+            ("optimizer", config.optimizer),
+        ),
+        vgg16_weights=vgg16_weights,
+    )
+
+
 class TrialIdOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for."""
 
@@ -109,16 +123,7 @@ def build_searcher(
     """
     import optuna
 
-    space = TrialSpace(
-        space=config.space,
-        families=tuple(config.families),
-        fixed=(
-            ("max_epochs", config.max_epochs),
-            ("seed", config.seed),
-            ("optimizer", config.optimizer),
-        ),
-        vgg16_weights=vgg16_weights,
-    )
+    space = trial_space(config, vgg16_weights)
     if config.sampler == "nsga2":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(seed=config.seed)
     else:
