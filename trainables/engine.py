@@ -27,10 +27,11 @@ def to_model_input(
     images: torch.Tensor, augment_strength: float = 0.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """uint8 ``B x 1 x H x W`` -> normalised float, augmented when ``augment_strength > 0``."""
-    batch = images.float().div_(255.0)
     if augment_strength > 0:
-        batch = augment_batch(batch, augment_strength, generator)
-    return ((batch - GRAY_MEAN) / GRAY_STD).contiguous(memory_format=torch.channels_last)
+        batch = augment_batch(images.float(), augment_strength, generator, value_max=255.0)
+    else:
+        batch = images.float().div_(255.0)
+    return batch.sub_(GRAY_MEAN).div_(GRAY_STD).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_indices(labels: np.ndarray, imbalance: str, generator: torch.Generator) -> torch.Tensor:

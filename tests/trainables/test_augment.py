@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cxrtune.trainables.augment import augment_batch
+from cxrtune.trainables.augment import augment_batch, sampling_grid
+from cxrtune.trainables.engine import to_model_input
+from cxrtune.trainables.models import GRAY_MEAN, GRAY_STD
 
 
 def batch(count: int = 8, size: int = 32) -> torch.Tensor:
@@ -57,3 +62,47 @@ def test_no_horizontal_flip_by_default() -> None:
 def test_strength_outside_zero_to_one_is_refused() -> None:
     with pytest.raises(ValueError, match="strength"):
         augment_batch(batch(), 1.5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (1, 7)])
+def test_the_sampling_grid_is_the_one_affine_grid_builds(height: int, width: int) -> None:
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = F.affine_grid(theta, [5, 1, height, width], align_corners=False)
+    torch.testing.assert_close(sampling_grid(theta, height, width), expected)
+
+
+def test_raw_pixel_values_give_what_dividing_first_gives() -> None:
+    raw = torch.randint(0, 256, (8, 1, 32, 32)).float()
+    from_raw = augment_batch(raw, 0.7, torch.Generator().manual_seed(1), value_max=255.0)
+    from_unit = augment_batch(raw / 255, 0.7, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(from_raw, from_unit)
+
+
+def reference_model_input(images: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
+    """The transform spelled out step by step, as ``to_model_input`` must compute it."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = images.float() / 255
+    count = batch.shape[0]
+
+    def uniform(scale: float) -> torch.Tensor:
+        return (torch.rand(count, generator=generator) * 2 - 1) * scale * strength
+
+    angle, zoom = uniform(math.radians(15.0)), 1 + uniform(0.15)
+    shift_x, shift_y = uniform(0.2), uniform(0.2)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    moved = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brightness = uniform(0.2).view(-1, 1, 1, 1)
+    contrast = (1 + uniform(0.3)).view(-1, 1, 1, 1)
+    mean = moved.mean(dim=(1, 2, 3), keepdim=True)
+    adjusted = ((moved - mean) * contrast + mean + brightness).clamp(0, 1)
+    return (adjusted - GRAY_MEAN) / GRAY_STD
+
+
+def test_model_input_is_the_step_by_step_transform() -> None:
+    images = torch.randint(0, 256, (16, 1, 40, 40), dtype=torch.uint8)
+    fast = to_model_input(images, 0.8, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fast, reference_model_input(images, 0.8, 2), atol=1e-4, rtol=0)
