@@ -207,7 +207,8 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
     for local in [path for path in mirror.rglob("*") if path.is_file()]:
         if local.relative_to(mirror).as_posix() not in remote_files:
             local.unlink()
-    _download_missing(experiment, mirror, [f for f in remote_files.values() if _is_mirrored(f)])
+    mirrored = [remote for remote in remote_files.values() if _is_mirrored(remote)]
+    _download_missing(experiment, mirror, mirrored)
 
     read = read_experiment(mirror)
     metric = str(read.sweep.get("scheduler_metric", "val_macro_auc"))
@@ -221,7 +222,9 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
         if name:
             prefix = f"{record.directory.relative_to(mirror).as_posix()}/{name}/"
             checkpoint_files += [
-                f for f in remote_files.values() if f.relative_path.startswith(prefix)
+                remote
+                for remote in remote_files.values()
+                if remote.relative_path.startswith(prefix)
             ]
     _download_missing(experiment, mirror, checkpoint_files)
 

@@ -34,7 +34,11 @@ __all__ = [
     "RemoteDir",
     "RemoteFile",
     "StorageError",
+    "driver_files_dir",
     "is_remote",
+    "joined",
+    "mirror_dir",
+    "redacted",
     "remote_cache_dir",
 ]
 
@@ -66,6 +70,18 @@ def redacted(uri: str) -> str:
     if not is_remote(uri) or "@" not in parts.netloc:
         return uri
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def joined(location: str | Path, relative_path: str) -> str:
+    """``relative_path`` under the folder ``location`` (a path or a URI), for messages.
+
+    In a URI it goes before the query, and keys are left out, as in ``redacted``.
+    """
+    if not is_remote(location):
+        return str(Path(location) / relative_path)
+    parts = urlsplit(str(location))
+    path = posixpath.join(parts.path or "/", relative_path)
+    return redacted(urlunsplit(parts._replace(path=path)))
 
 
 def remote_cache_dir(uri: str) -> Path:

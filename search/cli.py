@@ -205,7 +205,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         format_leaderboard,
         write_leaderboard,
     )
-    from cxrtune.analysis.storage import redacted
+    from cxrtune.analysis.storage import joined
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
@@ -227,8 +227,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
             logged = log_top_models(experiment_dir, config.mlflow_uri)
             print(f"The top {len(logged)} models were logged to MLflow at {config.mlflow_uri}")
-    written = redacted(str(outcome.experiment_dir))
-    print(f"\nLeaderboard written to {written}/leaderboard.csv and leaderboard.md")
+    written = joined(outcome.experiment_dir, "leaderboard.csv")
+    print(f"\nLeaderboard written to {written} and leaderboard.md")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
 
@@ -254,13 +254,13 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
 def run_report_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.html_report import write_report
-    from cxrtune.analysis.storage import is_remote, redacted
+    from cxrtune.analysis.storage import is_remote, joined
 
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         html = write_report(experiment_dir, top=args.top, out_dir=args.out)
     written = str(html)
     if args.out is None and is_remote(args.experiment_dir):
-        written = f"{redacted(args.experiment_dir)}/{html.relative_to(experiment_dir).as_posix()}"
+        written = joined(args.experiment_dir, html.relative_to(experiment_dir).as_posix())
     print(f"Report written to {written}")
     return EXIT_OK
 

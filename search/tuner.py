@@ -267,8 +267,8 @@ def build_tuner(
         journal = driver_files_dir(experiment) / OPTUNA_JOURNAL
         journal.parent.mkdir(parents=True, exist_ok=True)
         callbacks.append(JournalUpload(journal, experiment))
-        # Ray takes the bare path with the filesystem, so the URI's query (endpoint,
-        # keys) reaches the trials inside the pickled filesystem, never in a message.
+        # Ray takes the bare path with the filesystem: the endpoint and any keys written
+        # into the URI reach the trials inside the pickled filesystem, not in messages.
         storage_path, storage_filesystem = storage.path, storage.filesystem
     return tune.Tuner(
         trainable,

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import moto.settings
@@ -11,11 +13,21 @@ from cxrtune.analysis.storage import (
     StorageError,
     driver_files_dir,
     is_remote,
+    joined,
     mirror_dir,
     redacted,
     remote_cache_dir,
 )
 from tests.s3 import S3Server
+
+
+def test_the_storage_helpers_and_the_mirror_import_no_ray() -> None:
+    code = (
+        "import sys\nimport cxrtune.analysis.storage, cxrtune.analysis.experiment\n"
+        "print('ray' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert output.stdout.split() == ["False"], output.stderr
 
 
 def free_loopback_port() -> int:
@@ -37,6 +49,13 @@ def test_keys_in_a_uri_are_redacted_and_the_rest_kept() -> None:
     assert redacted(uri) == "s3://***@bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"
     assert redacted("s3://bucket/p") == "s3://bucket/p"
     assert redacted("/data/user@host/a") == "/data/user@host/a"
+
+
+def test_a_file_under_a_uri_goes_before_its_query() -> None:
+    uri = "s3://KEY:SECRET@bucket/results/exp?endpoint_override=127.0.0.1:9000"
+    shown = "s3://***@bucket/results/exp/leaderboard.csv?endpoint_override=127.0.0.1:9000"
+    assert joined(uri, "leaderboard.csv") == shown
+    assert joined(Path("/results/exp"), "leaderboard.csv") == "/results/exp/leaderboard.csv"
 
 
 @pytest.mark.parametrize(
