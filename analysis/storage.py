@@ -132,7 +132,8 @@ class RemoteDir:
         try:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
         except (OSError, pyarrow.ArrowException) as error:
-            raise StorageError(f"{redacted(uri)}: {error}") from error
+            # On AWS a URI without ?region= is resolved by asking for the bucket's region.
+            raise StorageError(f"cannot open {redacted(uri)}: {error}; {CHECKLIST}") from error
         return cls(uri=uri, filesystem=filesystem, path=path.rstrip("/"))
 
     @property

@@ -151,3 +151,8 @@ def test_credentials_the_store_refuses_fail_the_write_check_naming_the_uri(
     remote = RemoteDir.open(f"{s3_bucket}/results")
     with pytest.raises(StorageError, match=f"cannot write to {s3_bucket}/results: "):
         remote.check_writable()
+
+
+def test_a_uri_pyarrow_cannot_take_is_an_error_naming_it(s3_environment: S3Server) -> None:
+    with pytest.raises(StorageError, match=r"cannot open s3://bucket/results\?colour=blue: "):
+        RemoteDir.open("s3://bucket/results?colour=blue")
