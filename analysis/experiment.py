@@ -9,17 +9,25 @@ Layout, under ``storage_path/<experiment name>/``:
 - one folder per trial (Ray's): ``params.json``, ``result.json`` (one JSON line
   per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed;
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
+
+The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``):
+``local_experiment_dir`` mirrors what the analysis reads into a local folder and
+uploads what it writes there back.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from cxrtune.analysis.storage import RemoteDir, RemoteFile, is_remote, mirror_dir, redacted
 
 SWEEP_FILE = "sweep.yaml"
 DATASET_FILE = "dataset.json"
@@ -34,6 +42,20 @@ ERROR_FILE = "error.txt"
 # The sweep's Optuna study, as an Optuna journal file: `optuna-dashboard <file>` shows it.
 OPTUNA_JOURNAL = "optuna_study.journal"
 OPTUNA_STUDY_NAME = "cxrtune"
+# What the analysis reads of a remote experiment dir besides each trial's chosen
+# checkpoint: cxrtune's own files at the top and the small files of each trial folder.
+# The leaderboard's evaluation.json (EVALUATION_FILE there) spares evaluating again.
+MIRRORED_TOP_LEVEL_FILES = (
+    SWEEP_FILE,
+    DATASET_FILE,
+    SPLITS_FILE,
+    INGEST_REPORT_JSON,
+    INGEST_REPORT_TEXT,
+    OPTUNA_JOURNAL,
+    LEADERBOARD_CSV,
+    LEADERBOARD_MD,
+)
+MIRRORED_TRIAL_FILES = (PARAMS_FILE, RESULTS_FILE, ERROR_FILE, "evaluation.json")
 
 
 class ExperimentError(ValueError):
@@ -96,7 +118,11 @@ class Experiment:
 
 
 def read_experiment(directory: str | Path) -> Experiment:
-    """Read an experiment dir written by ``cxrtune sweep``."""
+    """Read a local experiment dir written by ``cxrtune sweep`` (see ``local_experiment_dir``)."""
+    if is_remote(directory):
+        raise ExperimentError(
+            f"{redacted(str(directory))} is remote: read it through local_experiment_dir"
+        )
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise ExperimentError(f"experiment dir not found: {directory}")
@@ -134,3 +160,93 @@ def read_trial(directory: Path) -> TrialRecord:
     return TrialRecord(
         trial_id=trial_id, directory=directory, config=config, results=results, error=error
     )
+
+
+@contextmanager
+def local_experiment_dir(location: str | Path) -> Iterator[Path]:
+    """The experiment dir at ``location`` as a local folder to read and write in.
+
+    A local path is given back as it is. For a URI (``s3://bucket/prefix/<name>``), a
+    mirror in this machine's cache is first brought up to date with what the analysis
+    reads: cxrtune's files, each trial's params, results, error and evaluation, and each
+    trial's chosen (best-validation) checkpoint, not its other checkpoints. Files the
+    caller writes or changes in the mirror (leaderboard, evaluations, report) are
+    uploaded when the block ends without an error. A missing or unreadable remote
+    dir is an ``ExperimentError`` or ``StorageError`` naming the URI.
+    """
+    if not is_remote(location):
+        yield Path(location)
+        return
+    experiment = RemoteDir.open(str(location))
+    mirror = mirror_dir(experiment)
+    fetch_experiment(experiment, mirror)
+    before = file_states(mirror)
+    yield mirror
+    after = file_states(mirror)
+    experiment.upload_files(
+        mirror, sorted(path for path, state in after.items() if before.get(path) != state)
+    )
+
+
+def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
+    """Bring ``mirror`` up to date with what the analysis reads of the remote ``experiment``.
+
+    Only files missing locally or changed remotely are downloaded; local files the
+    remote dir no longer has are deleted, so the mirror never shows a trial that is gone.
+    """
+    from cxrtune.analysis.leaderboard import best_epoch_row
+
+    remote_files = {remote.relative_path: remote for remote in experiment.files()}
+    if not remote_files:
+        raise ExperimentError(f"experiment dir not found: {experiment.display}")
+    for required in (SWEEP_FILE, DATASET_FILE, SPLITS_FILE):
+        if required not in remote_files:
+            raise ExperimentError(
+                f"{experiment.display} is not a cxrtune experiment dir: {required} is missing"
+            )
+    for local in [path for path in mirror.rglob("*") if path.is_file()]:
+        if local.relative_to(mirror).as_posix() not in remote_files:
+            local.unlink()
+    mirrored = [remote for remote in remote_files.values() if _is_mirrored(remote)]
+    _download_missing(experiment, mirror, mirrored)
+
+    read = read_experiment(mirror)
+    metric = str(read.sweep.get("scheduler_metric", "val_macro_auc"))
+    mode = "min" if metric.endswith("loss") else "max"
+    checkpoint_files = []
+    for record in read.trials:
+        if record.error is not None:
+            continue  # listed apart by the leaderboard, never evaluated or exported
+        best = best_epoch_row(record.results, metric, mode)
+        name = "" if best is None else str(best.get("checkpoint_dir_name") or "")
+        if name:
+            prefix = f"{record.directory.relative_to(mirror).as_posix()}/{name}/"
+            checkpoint_files += [
+                remote
+                for remote in remote_files.values()
+                if remote.relative_path.startswith(prefix)
+            ]
+    _download_missing(experiment, mirror, checkpoint_files)
+
+
+def _is_mirrored(remote: RemoteFile) -> bool:
+    parts = remote.relative_path.split("/")
+    if len(parts) == 1:
+        return parts[0] in MIRRORED_TOP_LEVEL_FILES
+    return len(parts) == 2 and parts[1] in MIRRORED_TRIAL_FILES
+
+
+def _download_missing(experiment: RemoteDir, mirror: Path, files: list[RemoteFile]) -> None:
+    for remote in files:
+        if not experiment.is_current(remote, mirror):
+            experiment.download(remote, mirror)
+
+
+def file_states(directory: Path) -> dict[str, tuple[int, int]]:
+    """Size and change time of every file under ``directory``, by posix relative path."""
+    states = {}
+    for path in directory.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            states[path.relative_to(directory).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return states

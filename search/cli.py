@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_NO_RESULTS = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXPERIMENT_DIR_HELP = "an experiment dir: a folder, or s3://bucket/prefix/<experiment>"
 
 
 class InputError(Exception):
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "best-validation checkpoint on the held-out test split, and write leaderboard.csv "
         "and leaderboard.md into the experiment dir. No running Ray is needed.",
     )
-    leaderboard.add_argument("experiment_dir", type=Path)
+    leaderboard.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
     leaderboard.add_argument("--top", type=int, default=None, help="rows to print (default: all)")
     leaderboard.add_argument("--format", choices=("table", "csv", "md"), default="table")
     leaderboard.set_defaults(handler=run_leaderboard_command)
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the figures as PNG: leaderboard, Pareto front, ROC curves, confusion matrices, learning "
         "curves, hyperparameter importance, per-family and imbalance-strategy comparisons.",
     )
-    report.add_argument("experiment_dir", type=Path)
+    report.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
     report.add_argument("--top", type=int, default=5, help="trials shown in detail (default 5)")
     report.add_argument("--out", type=Path, help="output folder (default: EXPERIMENT_DIR/report)")
     report.set_defaults(handler=run_report_command)
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one folder holding the chosen checkpoint's weights, its config, class "
         "names, preprocessing, operating-point threshold and metrics, for `cxrtune predict`.",
     )
-    export.add_argument("experiment_dir", type=Path)
+    export.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", help="the trial id to export")
     which.add_argument("--rank", type=int, help="the leaderboard rank to export (1 = best)")
@@ -198,12 +199,13 @@ def run_inspect_command(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from cxrtune.analysis.experiment import read_experiment
+    from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
     from cxrtune.analysis.leaderboard import (
         build_leaderboard,
         format_leaderboard,
         write_leaderboard,
     )
+    from cxrtune.analysis.storage import joined
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
@@ -215,30 +217,33 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     config = load_sweep_config(args.sweep_file, overrides)
     outcome = run_sweep(config, name=args.name, address=args.address)
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
-    leaderboard = build_leaderboard(read_experiment(outcome.experiment_dir))
-    write_leaderboard(leaderboard, outcome.experiment_dir)
-    print()
-    print(format_leaderboard(leaderboard, top=args.top))
-    print(f"\nLeaderboard written to {outcome.experiment_dir}/leaderboard.csv and leaderboard.md")
-    if config.mlflow_uri and len(leaderboard.ranked):
-        from cxrtune.analysis.mlflow_export import log_top_models
+    with local_experiment_dir(outcome.experiment_dir) as experiment_dir:
+        leaderboard = build_leaderboard(read_experiment(experiment_dir))
+        write_leaderboard(leaderboard, experiment_dir)
+        print()
+        print(format_leaderboard(leaderboard, top=args.top))
+        if config.mlflow_uri and len(leaderboard.ranked):
+            from cxrtune.analysis.mlflow_export import log_top_models
 
-        logged = log_top_models(outcome.experiment_dir, config.mlflow_uri)
-        print(f"The top {len(logged)} models were logged to MLflow at {config.mlflow_uri}")
+            logged = log_top_models(experiment_dir, config.mlflow_uri)
+            print(f"The top {len(logged)} models were logged to MLflow at {config.mlflow_uri}")
+    written = joined(outcome.experiment_dir, "leaderboard.csv")
+    print(f"\nLeaderboard written to {written} and leaderboard.md")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
 
 def run_leaderboard_command(args: argparse.Namespace) -> int:
-    from cxrtune.analysis.experiment import read_experiment
+    from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
     from cxrtune.analysis.leaderboard import (
         build_leaderboard,
         format_leaderboard,
         write_leaderboard,
     )
 
-    experiment = read_experiment(args.experiment_dir)
-    leaderboard = build_leaderboard(experiment)
-    write_leaderboard(leaderboard, experiment.directory)
+    with local_experiment_dir(args.experiment_dir) as experiment_dir:
+        experiment = read_experiment(experiment_dir)
+        leaderboard = build_leaderboard(experiment)
+        write_leaderboard(leaderboard, experiment.directory)
     print(
         format_leaderboard(leaderboard, top=args.top, style=args.format),
         end="\n" if args.format == "table" else "",
@@ -247,19 +252,27 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.html_report import write_report
+    from cxrtune.analysis.storage import is_remote, joined
 
-    html = write_report(args.experiment_dir, top=args.top, out_dir=args.out)
-    print(f"Report written to {html}")
+    with local_experiment_dir(args.experiment_dir) as experiment_dir:
+        html = write_report(experiment_dir, top=args.top, out_dir=args.out)
+    written = str(html)
+    if args.out is None and is_remote(args.experiment_dir):
+        written = joined(args.experiment_dir, html.relative_to(experiment_dir).as_posix())
+    print(f"Report written to {written}")
     return EXIT_OK
 
 
 def run_export_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.export import export_model
 
-    out = export_model(
-        args.experiment_dir, args.out, trial_id=args.trial, rank=args.rank, ensemble=args.ensemble
-    )
+    with local_experiment_dir(args.experiment_dir) as experiment_dir:
+        out = export_model(
+            experiment_dir, args.out, trial_id=args.trial, rank=args.rank, ensemble=args.ensemble
+        )
     print(f"Model written to {out}")
     return EXIT_OK
 
@@ -306,6 +319,7 @@ def run_synth_command(args: argparse.Namespace) -> int:
 def _input_error_types() -> tuple[type[BaseException], ...]:
     from cxrtune.analysis.experiment import ExperimentError
     from cxrtune.analysis.export import ExportError
+    from cxrtune.analysis.storage import StorageError
     from cxrtune.search.config import SweepConfigError
     from cxrtune.trainables.config import ConfigError
     from cxrtune.trainables.data import DataError
@@ -317,6 +331,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
         DataError,
         ExperimentError,
         ExportError,
+        StorageError,
         WeightsUnavailableError,
         FileNotFoundError,
         FileExistsError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from cxrtune.analysis.experiment import (
     SWEEP_FILE,
     DatasetInfo,
 )
+from cxrtune.analysis.storage import RemoteDir, driver_files_dir, is_remote, redacted
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.search.ray_environment import (
     QUIET_TUNE_ENVIRONMENT,
@@ -148,23 +150,50 @@ def prepare_data(config: SweepConfig) -> PreparedData:
     return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
 
 
-def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path, str]:
-    """The new experiment dir and its name; an existing non-empty dir is an error."""
-    if "://" in config.storage_path:
-        raise SweepConfigError(
-            f"storage_path: {config.storage_path!r}: only local or mounted folders are supported"
-        )
-    storage = Path(config.storage_path).expanduser().resolve()
+def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | str, str]:
+    """The new experiment dir and its name; an existing non-empty dir is an error.
+
+    Under an ``s3://`` storage path the dir is a URI, and the store is checked to
+    take writes now, so a missing bucket, missing credentials or an unreachable
+    endpoint fail before any data work.
+    """
     if name is None:
         name = f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if is_remote(config.storage_path):
+        experiment = RemoteDir.open(config.storage_path).child(name)
+        if experiment.files():
+            raise SweepConfigError(
+                f"experiment dir {experiment.display} already exists; choose another --name"
+            )
+        experiment.check_writable()
+        return experiment.uri, name
+    storage = Path(config.storage_path).expanduser().resolve()
     directory = storage / name
     if directory.exists() and any(directory.iterdir()):
         raise SweepConfigError(f"experiment dir {directory} already exists; choose another --name")
     return directory, name
 
 
-def write_experiment_files(directory: Path, config: SweepConfig, prepared: PreparedData) -> None:
-    """Write what the analysis needs before any trial runs, so nothing is lost if the sweep dies."""
+def write_experiment_files(
+    directory: Path | str, config: SweepConfig, prepared: PreparedData
+) -> None:
+    """Write what the analysis needs before any trial runs, so nothing is lost if the sweep dies.
+
+    A remote dir gets them through the driver's local folder for it (see
+    ``driver_files_dir``), which a new sweep starts empty.
+    """
+    if is_remote(directory):
+        experiment = RemoteDir.open(str(directory))
+        local = driver_files_dir(experiment)
+        if local.exists():  # left by an earlier sweep of the same URI, since removed there
+            shutil.rmtree(local)
+        _write_experiment_files(local, config, prepared)
+        experiment.upload_files(local, sorted(path.name for path in local.iterdir()))
+    else:
+        _write_experiment_files(Path(directory), config, prepared)
+
+
+def _write_experiment_files(directory: Path, config: SweepConfig, prepared: PreparedData) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_sweep_config(config, directory / SWEEP_FILE)
     prepared.info.write(directory / DATASET_FILE)
@@ -197,7 +226,7 @@ def start_ray(address: str | None) -> None:
 class SweepOutcome:
     """Where the sweep wrote its results and how its trials ended."""
 
-    experiment_dir: Path
+    experiment_dir: Path | str  # a local folder, or the URI of a remote one
     trials: int
     errored: int
 
@@ -227,7 +256,7 @@ def run_sweep(
     prepared = prepare_data(config)
     write_experiment_files(experiment_dir, config, prepared)
     print(describe_data(prepared.info))
-    print(f"Experiment dir: {experiment_dir}")
+    print(f"Experiment dir: {redacted(str(experiment_dir))}")
 
     start_ray(address)
     progress = SweepProgress(config.num_samples, config.max_epochs)
@@ -235,7 +264,9 @@ def run_sweep(
         config,
         prepared.trial_data(),
         experiment_name=experiment_name,
-        storage_path=str(experiment_dir.parent),
+        storage_path=(
+            config.storage_path if is_remote(experiment_dir) else str(Path(experiment_dir).parent)
+        ),
         vgg16_weights=vgg16_weights,
         progress=progress,
     )

@@ -9,6 +9,7 @@ TensorBoard event files in every trial folder, and, when the sweep names an
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
+from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, is_remote
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.spaces import get_space
@@ -28,6 +30,8 @@ from cxrtune.trainables.trainable import TrialData, train_trial
 
 if TYPE_CHECKING:
     import optuna
+
+logger = logging.getLogger(__name__)
 
 # The Optuna user attribute holding the Ray trial id, the name the trial folders,
 # the leaderboard and MLflow use.
@@ -181,6 +185,44 @@ def mlflow_callback(tracking_uri: str, experiment_name: str) -> tune.Callback:
     )
 
 
+class JournalUpload(tune.Callback):
+    """Copies the Optuna journal from the driver's disk to a remote experiment dir.
+
+    An append-only journal cannot live on object storage, so the study is kept in
+    ``driver_files_dir`` and a whole copy goes up when the sweep starts, after each
+    trial ends and when the sweep ends. A failed upload is a warning: the sweep goes
+    on, the next upload carries everything, and the local journal stays complete.
+    """
+
+    def __init__(self, journal: Path, experiment: RemoteDir) -> None:
+        self.journal = journal
+        self.experiment = experiment
+
+    def upload(self) -> None:
+        try:
+            self.experiment.upload(self.journal, OPTUNA_JOURNAL)
+        except StorageError as error:
+            logger.warning("%s (the study is kept in %s)", error, self.journal)
+
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        self.upload()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.upload()
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.upload()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.upload()
+
+
 def build_tuner(
     config: SweepConfig,
     data: TrialData,
@@ -193,7 +235,9 @@ def build_tuner(
     """The ``Tuner`` that runs the sweep; ``data`` goes to the object store once.
 
     The experiment dir ``storage_path/experiment_name`` must exist: the Optuna
-    journal is created in it here.
+    journal is created in it here. Under an ``s3://`` storage path Ray is handed the
+    store's pyarrow filesystem, and the journal lives in the driver's local folder for
+    the experiment (``driver_files_dir``), uploaded as the sweep goes.
     """
     resources = FamilyResourcesFn(
         tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
@@ -216,6 +260,16 @@ def build_tuner(
     # .pkl: on resume Ray copies such files from the experiment dir to its staging dir and
     # later uploads them back, which would put a stale copy over the live journal.
     journal = Path(storage_path) / experiment_name / OPTUNA_JOURNAL
+    storage_filesystem = None
+    if is_remote(storage_path):
+        storage = RemoteDir.open(storage_path)
+        experiment = storage.child(experiment_name)
+        journal = driver_files_dir(experiment) / OPTUNA_JOURNAL
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        callbacks.append(JournalUpload(journal, experiment))
+        # Ray takes the bare path with the filesystem: the endpoint and any keys written
+        # into the URI reach the trials inside the pickled filesystem, not in messages.
+        storage_path, storage_filesystem = storage.path, storage.filesystem
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -228,6 +282,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=config.checkpoints_to_keep,
                 checkpoint_score_attribute=config.scheduler_metric,

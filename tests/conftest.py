@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cxrtune.search.ray_environment import use_loopback_ray
+from tests.s3 import S3Server, s3_server
 
 # Every Ray instance the tests start listens on 127.0.0.1 only.
 use_loopback_ray()
@@ -47,3 +48,29 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server_on_loopback() -> Iterator[S3Server]:
+    """One S3-compatible server (moto) on 127.0.0.1 for the whole run."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_environment(
+    s3_server_on_loopback: S3Server,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> S3Server:
+    """This test's environment, and the processes it starts, reach the loopback server."""
+    scratch = tmp_path_factory.mktemp("aws")
+    for name, value in s3_server_on_loopback.environment(scratch).items():
+        monkeypatch.setenv(name, value)
+    return s3_server_on_loopback
+
+
+@pytest.fixture
+def s3_bucket(s3_environment: S3Server) -> str:
+    """A bucket no other test uses, as ``s3://name``."""
+    return s3_environment.new_bucket()

@@ -1,0 +1,254 @@
+"""Experiment dirs on object storage (``s3://bucket/prefix``), through pyarrow's filesystems.
+
+The one place cxrtune turns a storage URI into a pyarrow filesystem, checks that it
+can write there, and copies files between a remote folder and a local one. Ray Tune
+is handed the same filesystem (``RunConfig(storage_filesystem=...)``), so trials,
+the sweep's own files and the analysis all reach the store the same way.
+
+It lives in ``analysis`` because both the sweep and the analysis need it and
+``analysis`` must not import Ray; ``search`` already imports ``analysis`` for the
+experiment-dir layout. Only pyarrow (a Ray dependency) is imported.
+
+The endpoint of an S3-compatible store (MinIO, on-prem) is pyarrow's: the
+``AWS_ENDPOINT_URL`` environment variable, or ``?endpoint_override=HOST:PORT``
+(with ``&scheme=http`` for plain HTTP) on the URI. Credentials come from the usual
+AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an
+instance role) on every node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow
+import pyarrow.fs
+
+__all__ = [
+    "RemoteDir",
+    "RemoteFile",
+    "StorageError",
+    "driver_files_dir",
+    "is_remote",
+    "joined",
+    "mirror_dir",
+    "redacted",
+    "remote_cache_dir",
+]
+
+SUPPORTED_SCHEMES = ("s3",)
+WRITE_CHECK_FILE = ".cxrtune-write-check"
+CHECKLIST = (
+    "check that the bucket exists, that the credentials (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role) may write there, and that the "
+    "endpoint is reachable (AWS_ENDPOINT_URL or ?endpoint_override= on the URI for "
+    "MinIO and other S3-compatible stores)"
+)
+
+
+class StorageError(ValueError):
+    """Remote storage that cannot be used; the message names the URI and what failed."""
+
+
+def is_remote(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``s3://...``) rather than a local or mounted folder."""
+    return "://" in str(location)
+
+
+def redacted(uri: str) -> str:
+    """``uri`` with any keys written into it (``s3://KEY:SECRET@bucket``) shown as ``***``.
+
+    A local path is given back as it is.
+    """
+    parts = urlsplit(uri)
+    if not is_remote(uri) or "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def joined(location: str | Path, relative_path: str) -> str:
+    """``relative_path`` under the folder ``location`` (a path or a URI), for messages.
+
+    In a URI it goes before the query, and keys are left out, as in ``redacted``.
+    """
+    if not is_remote(location):
+        return str(Path(location) / relative_path)
+    parts = urlsplit(str(location))
+    path = posixpath.join(parts.path or "/", relative_path)
+    return redacted(urlunsplit(parts._replace(path=path)))
+
+
+def remote_cache_dir(uri: str) -> Path:
+    """This machine's folder for local copies of the remote folder ``uri``.
+
+    Under cxrtune's cache dir (``$CXRTUNE_CACHE_DIR``, default ``~/.cache/cxrtune``),
+    keyed by the URI without keys, so every command on this machine finds the same
+    folder again.
+    """
+    from cxrtune.trainables.data import default_cache_dir
+
+    key = hashlib.sha256(redacted(uri).encode()).hexdigest()[:16]
+    return default_cache_dir() / "remote" / key
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file under a remote folder: its path relative to the folder, size and change time."""
+
+    relative_path: str  # posix, e.g. "trial_1/result.json"
+    size: int
+    mtime_ns: int | None  # None when the store does not say
+
+
+@dataclass(frozen=True)
+class RemoteDir:
+    """A folder on object storage: the URI as given, its pyarrow filesystem and path there."""
+
+    uri: str  # s3://[KEY:SECRET@]bucket/prefix[?endpoint_override=...], as given
+    filesystem: pyarrow.fs.FileSystem
+    path: str  # bucket/prefix, as the filesystem names it
+
+    @classmethod
+    def open(cls, uri: str) -> RemoteDir:
+        """Resolve ``uri`` to its filesystem; nothing is read or written yet.
+
+        Only ``s3://`` is supported; another scheme or a URI without a bucket is a
+        ``StorageError``.
+        """
+        parts = urlsplit(uri)
+        if parts.scheme not in SUPPORTED_SCHEMES:
+            raise StorageError(
+                f"{redacted(uri)}: unsupported storage URI; use a local folder or "
+                "s3://bucket/prefix"
+            )
+        if not parts.netloc:
+            raise StorageError(f"{redacted(uri)}: the URI names no bucket (s3://bucket/prefix)")
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        except (OSError, pyarrow.ArrowException) as error:
+            # On AWS a URI without ?region= is resolved by asking for the bucket's region.
+            raise StorageError(f"cannot open {redacted(uri)}: {error}; {CHECKLIST}") from error
+        return cls(uri=uri, filesystem=filesystem, path=path.rstrip("/"))
+
+    @property
+    def display(self) -> str:
+        """The URI for messages, without any keys written into it."""
+        return redacted(self.uri)
+
+    @property
+    def name(self) -> str:
+        """The last part of the path (the experiment name for an experiment dir)."""
+        return posixpath.basename(self.path)
+
+    def child(self, name: str) -> RemoteDir:
+        """The folder ``name`` inside this one; the URI keeps its query."""
+        parts = urlsplit(self.uri)
+        uri = urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", name)))
+        return RemoteDir(uri=uri, filesystem=self.filesystem, path=f"{self.path}/{name}")
+
+    @contextmanager
+    def _reporting(self, action: str) -> Iterator[None]:
+        """Turn the filesystem's errors into a ``StorageError`` naming the URI and ``action``."""
+        try:
+            yield
+        except (OSError, pyarrow.ArrowException) as error:
+            raise StorageError(f"cannot {action} {self.display}: {error}; {CHECKLIST}") from error
+
+    def files(self) -> list[RemoteFile]:
+        """Every file under this folder, at any depth; none when the folder does not exist."""
+        selector = pyarrow.fs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        with self._reporting("list"):
+            infos = self.filesystem.get_file_info(selector)
+        prefix = self.path + "/"
+        return [
+            RemoteFile(
+                relative_path=info.path.removeprefix(prefix), size=info.size, mtime_ns=info.mtime_ns
+            )
+            for info in infos
+            if info.type == pyarrow.fs.FileType.File
+        ]
+
+    def check_writable(self) -> None:
+        """Write and delete a small file here, so a store that refuses fails before any work.
+
+        Deleting is checked too: Ray deletes checkpoints beyond ``checkpoints_to_keep``.
+        """
+        probe = f"{self.path}/{WRITE_CHECK_FILE}"
+        with self._reporting("write to"):
+            with self.filesystem.open_output_stream(probe) as stream:
+                stream.write(b"cxrtune write check\n")
+            self.filesystem.delete_file(probe)
+
+    def upload(self, local_file: Path, relative_path: str) -> None:
+        """Copy ``local_file`` to ``relative_path`` here, replacing what was there."""
+        with self._reporting(f"upload {local_file} to"):
+            pyarrow.fs.copy_files(
+                str(local_file),
+                f"{self.path}/{relative_path}",
+                destination_filesystem=self.filesystem,
+                # Threaded uploads to S3 are unsafe in pyarrow (apache/arrow#32372).
+                use_threads=False,
+            )
+
+    def upload_files(self, local_dir: Path, relative_paths: Iterable[str]) -> None:
+        """Copy the given files of ``local_dir`` to the same relative paths here."""
+        for relative_path in relative_paths:
+            self.upload(local_dir / relative_path, relative_path)
+
+    def download(self, remote: RemoteFile, local_dir: Path) -> None:
+        """Copy ``remote`` to the same relative path under ``local_dir``, whole or not at all.
+
+        The local copy takes the remote change time, so ``is_current`` can tell
+        whether it needs fetching again.
+        """
+        target = local_dir / remote.relative_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        with self._reporting(f"download {remote.relative_path} from"):
+            pyarrow.fs.copy_files(
+                f"{self.path}/{remote.relative_path}",
+                str(partial),
+                source_filesystem=self.filesystem,
+            )
+        if remote.mtime_ns is not None:
+            os.utime(partial, ns=(remote.mtime_ns, remote.mtime_ns))
+        partial.replace(target)
+
+    @staticmethod
+    def is_current(remote: RemoteFile, local_dir: Path) -> bool:
+        """Whether the copy of ``remote`` under ``local_dir`` has its size and change time."""
+        target = local_dir / remote.relative_path
+        if not target.is_file():
+            return False
+        stat = target.stat()
+        return stat.st_size == remote.size and (
+            remote.mtime_ns is None or stat.st_mtime_ns == remote.mtime_ns
+        )
+
+
+def driver_files_dir(experiment: RemoteDir) -> Path:
+    """Where a sweep's driver keeps its own files of the remote experiment dir ``experiment``.
+
+    The files the sweep writes before its trials (``sweep.yaml``, ``splits.csv``, ...)
+    are written here and uploaded; the Optuna journal lives here, since an append-only
+    file cannot live on object storage, and a copy is uploaded as the sweep goes. The
+    folder is the same for every command on this machine that names the same URI, so a
+    resumed sweep finds the journal again.
+    """
+    return remote_cache_dir(experiment.uri) / "driver"
+
+
+def mirror_dir(experiment: RemoteDir) -> Path:
+    """The local mirror of the remote experiment dir ``experiment`` that the analysis reads.
+
+    Named like the experiment, as reports and MLflow take the name from the folder.
+    Kept apart from ``driver_files_dir`` so that refreshing the mirror can never put an
+    older journal over the one a running sweep appends to.
+    """
+    return remote_cache_dir(experiment.uri) / "mirror" / experiment.name

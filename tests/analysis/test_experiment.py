@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cxrtune.analysis.experiment import (
+    MIRRORED_TRIAL_FILES,
+    DatasetInfo,
+    ExperimentError,
+    local_experiment_dir,
+    read_experiment,
+)
+from cxrtune.analysis.leaderboard import EVALUATION_FILE
+from cxrtune.analysis.storage import RemoteDir, mirror_dir
+
+# The files the analysis needs, as a fake experiment below lays them out.
+NEEDED = {
+    "sweep.yaml",
+    "dataset.json",
+    "splits.csv",
+    "optuna_study.journal",
+    "t1_baseline_cnn/params.json",
+    "t1_baseline_cnn/result.json",
+    "t1_baseline_cnn/checkpoint_000001/checkpoint.pt",  # the best val_macro_auc
+    "t2_vgg16/params.json",
+    "t2_vgg16/result.json",
+    "t2_vgg16/error.txt",
+}
+
+
+def epoch(number: int, auc: float) -> str:
+    name = f"checkpoint_{number - 1:06d}"
+    return json.dumps({"epoch": number, "val_macro_auc": auc, "checkpoint_dir_name": name})
+
+
+def write_fake_experiment(directory: Path) -> None:
+    """An experiment dir as a finished sweep leaves it, Ray's own files included."""
+    directory.mkdir(parents=True)
+    (directory / "sweep.yaml").write_text("scheduler_metric: val_macro_auc\n")
+    DatasetInfo(
+        root="/data",
+        synthetic=True,
+        layout="imagefolder",
+        cache_path="/cache/x.npz",
+        image_size=32,
+        class_names=["COVID", "Normal"],
+        positive_class="COVID",
+        split_counts={"train": {"COVID": 2, "Normal": 2}},
+    ).write(directory / "dataset.json")
+    (directory / "splits.csv").write_text("path,label,split\na.png,COVID,train\n")
+    (directory / "optuna_study.journal").write_text('{"op_code": 0}\n')
+    (directory / "experiment_state-2026.json").write_text("{}")
+    (directory / "tuner.pkl").write_bytes(b"ray")
+    trial = directory / "t1_baseline_cnn"
+    for index in range(3):
+        (trial / f"checkpoint_{index:06d}").mkdir(parents=True)
+        (trial / f"checkpoint_{index:06d}" / "checkpoint.pt").write_bytes(bytes([index]) * 64)
+    (trial / "params.json").write_text('{"family": "baseline_cnn"}')
+    (trial / "result.json").write_text("\n".join([epoch(1, 0.6), epoch(2, 0.8), epoch(3, 0.7)]))
+    (trial / "progress.csv").write_text("epoch\n1\n")
+    (trial / "events.out.tfevents.1.host").write_bytes(b"tb")
+    failed = directory / "t2_vgg16"
+    (failed / "checkpoint_000000").mkdir(parents=True)
+    (failed / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"w")
+    (failed / "params.json").write_text('{"family": "vgg16"}')
+    (failed / "result.json").write_text(epoch(1, 0.9))
+    (failed / "error.txt").write_text("RuntimeError: loss is nan\n")
+
+
+@pytest.fixture
+def remote_experiment(s3_bucket: str, tmp_path: Path) -> RemoteDir:
+    """A finished experiment uploaded to a bucket on the loopback S3 server."""
+    local = tmp_path / "written" / "exp-1"
+    write_fake_experiment(local)
+    experiment = RemoteDir.open(f"{s3_bucket}/results/exp-1")
+    files = [path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()]
+    experiment.upload_files(local, files)
+    return experiment
+
+
+def local_files(directory: Path) -> set[str]:
+    return {
+        path.relative_to(directory).as_posix() for path in directory.rglob("*") if path.is_file()
+    }
+
+
+def test_a_local_experiment_dir_is_used_in_place(tmp_path: Path) -> None:
+    write_fake_experiment(tmp_path / "exp")
+    with local_experiment_dir(tmp_path / "exp") as directory:
+        assert directory == tmp_path / "exp"
+
+
+def test_the_mirror_holds_what_the_analysis_reads_and_only_the_chosen_checkpoint(
+    remote_experiment: RemoteDir,
+) -> None:
+    with local_experiment_dir(remote_experiment.uri) as directory:
+        assert directory == mirror_dir(remote_experiment)
+        assert directory.name == "exp-1"
+        assert local_files(directory) == NEEDED
+        experiment = read_experiment(directory)
+    assert [trial.trial_id for trial in experiment.trials] == ["t1", "t2"]
+    assert experiment.trials[1].error == "RuntimeError: loss is nan"
+
+
+def test_files_written_in_the_mirror_go_back_to_the_store(remote_experiment: RemoteDir) -> None:
+    with local_experiment_dir(remote_experiment.uri) as directory:
+        (directory / "leaderboard.csv").write_text("rank,trial_id\n1,t1_baseline_cnn\n")
+        (directory / "t1_baseline_cnn" / EVALUATION_FILE).write_text('{"checkpoint": "c"}')
+    remote = {file.relative_path for file in remote_experiment.files()}
+    assert {"leaderboard.csv", f"t1_baseline_cnn/{EVALUATION_FILE}"} <= remote
+    fresh = mirror_dir(remote_experiment).parent / "fresh"
+    uploaded = {file.relative_path: file for file in remote_experiment.files()}
+    remote_experiment.download(uploaded["leaderboard.csv"], fresh)
+    assert (fresh / "leaderboard.csv").read_text() == "rank,trial_id\n1,t1_baseline_cnn\n"
+
+
+def test_nothing_goes_back_when_the_block_fails(remote_experiment: RemoteDir) -> None:
+    with (
+        pytest.raises(RuntimeError, match="evaluation failed"),
+        local_experiment_dir(remote_experiment.uri) as directory,
+    ):
+        (directory / "leaderboard.csv").write_text("half written")
+        raise RuntimeError("evaluation failed")
+    assert "leaderboard.csv" not in {file.relative_path for file in remote_experiment.files()}
+
+
+def test_the_mirror_follows_the_store_when_it_changes(
+    remote_experiment: RemoteDir, tmp_path: Path
+) -> None:
+    with local_experiment_dir(remote_experiment.uri):
+        pass
+    # The sweep went on: trial 1 reported a better epoch 4; trial 2 was deleted.
+    changed = tmp_path / "changed"
+    results = changed / "t1_baseline_cnn" / "result.json"
+    results.parent.mkdir(parents=True)
+    results.write_text("\n".join([epoch(1, 0.6), epoch(2, 0.8), epoch(3, 0.7), epoch(4, 0.95)]))
+    (changed / "t1_baseline_cnn" / "checkpoint_000003").mkdir()
+    (changed / "t1_baseline_cnn" / "checkpoint_000003" / "checkpoint.pt").write_bytes(b"best")
+    remote_experiment.upload_files(
+        changed, ["t1_baseline_cnn/result.json", "t1_baseline_cnn/checkpoint_000003/checkpoint.pt"]
+    )
+    remote_experiment.filesystem.delete_dir(f"{remote_experiment.path}/t2_vgg16")
+
+    with local_experiment_dir(remote_experiment.uri) as directory:
+        files = local_files(directory)
+        assert "t1_baseline_cnn/checkpoint_000003/checkpoint.pt" in files
+        assert not [path for path in files if path.startswith("t2_vgg16/")]
+        assert len(read_experiment(directory).trials[0].results) == 4
+
+
+def test_a_missing_or_foreign_remote_dir_is_an_error_naming_the_uri(
+    remote_experiment: RemoteDir,
+) -> None:
+    missing = remote_experiment.child("nothing-here")
+    with (
+        pytest.raises(ExperimentError, match=f"experiment dir not found: {missing.uri}"),
+        local_experiment_dir(missing.uri),
+    ):
+        pass
+    trial = remote_experiment.child("t1_baseline_cnn")
+    with (
+        pytest.raises(ExperimentError, match=f"{trial.uri} is not a cxrtune experiment dir"),
+        local_experiment_dir(trial.uri),
+    ):
+        pass
+
+
+def test_reading_a_uri_directly_points_to_the_mirror(remote_experiment: RemoteDir) -> None:
+    with pytest.raises(ExperimentError, match="is remote: read it through local_experiment_dir"):
+        read_experiment(remote_experiment.uri)
+
+
+def test_the_leaderboards_saved_predictions_are_mirrored() -> None:
+    assert EVALUATION_FILE in MIRRORED_TRIAL_FILES

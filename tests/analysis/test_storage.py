@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import moto.settings
+import pytest
+
+from cxrtune.analysis.storage import (
+    RemoteDir,
+    StorageError,
+    driver_files_dir,
+    is_remote,
+    joined,
+    mirror_dir,
+    redacted,
+    remote_cache_dir,
+)
+from tests.s3 import S3Server
+
+
+def test_the_storage_helpers_and_the_mirror_import_no_ray() -> None:
+    code = (
+        "import sys\nimport cxrtune.analysis.storage, cxrtune.analysis.experiment\n"
+        "print('ray' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert output.stdout.split() == ["False"], output.stderr
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("location", "remote"),
+    [("s3://bucket/prefix", True), ("results", False), (Path("/mnt/nfs/results"), False)],
+)
+def test_only_uris_are_remote(location: str | Path, remote: bool) -> None:
+    assert is_remote(location) is remote
+
+
+def test_keys_in_a_uri_are_redacted_and_the_rest_kept() -> None:
+    uri = "s3://AKEY:SECRET@bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert redacted(uri) == "s3://***@bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert redacted("s3://bucket/p") == "s3://bucket/p"
+    assert redacted("/data/user@host/a") == "/data/user@host/a"
+
+
+def test_a_file_under_a_uri_goes_before_its_query() -> None:
+    uri = "s3://KEY:SECRET@bucket/results/exp?endpoint_override=127.0.0.1:9000"
+    shown = "s3://***@bucket/results/exp/leaderboard.csv?endpoint_override=127.0.0.1:9000"
+    assert joined(uri, "leaderboard.csv") == shown
+    assert joined(Path("/results/exp"), "leaderboard.csv") == "/results/exp/leaderboard.csv"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("gs://bucket/prefix", "gs://bucket/prefix: unsupported storage URI"),
+        ("s3:///prefix", "s3:///prefix: the URI names no bucket"),
+    ],
+)
+def test_unsupported_uris_are_refused_naming_them(
+    uri: str, message: str, s3_environment: S3Server
+) -> None:
+    with pytest.raises(StorageError, match=message):
+        RemoteDir.open(uri)
+
+
+def test_a_child_keeps_the_query_of_its_parent(s3_environment: S3Server) -> None:
+    storage = RemoteDir.open("s3://bucket/results?endpoint_override=127.0.0.1:9&scheme=http")
+    child = storage.child("exp-1")
+    assert child.uri == "s3://bucket/results/exp-1?endpoint_override=127.0.0.1:9&scheme=http"
+    assert child.path == "bucket/results/exp-1"
+    assert child.name == "exp-1"
+    assert RemoteDir.open("s3://bucket").child("exp").path == "bucket/exp"
+
+
+def test_the_local_folders_of_a_uri_are_stable_and_apart(
+    isolated_cache: Path, s3_environment: S3Server
+) -> None:
+    experiment = RemoteDir.open("s3://KEY:ONE@bucket/results/exp-1")
+    same_but_key = RemoteDir.open("s3://KEY:TWO@bucket/results/exp-1")
+    other = RemoteDir.open("s3://bucket/results/exp-2")
+    assert remote_cache_dir(experiment.uri) == remote_cache_dir(same_but_key.uri)
+    assert remote_cache_dir(experiment.uri) != remote_cache_dir(other.uri)
+    assert remote_cache_dir(experiment.uri).is_relative_to(isolated_cache)
+    assert mirror_dir(experiment).name == "exp-1"
+    assert driver_files_dir(experiment) != mirror_dir(experiment)
+
+
+def test_files_go_up_and_come_back_whole(s3_bucket: str, tmp_path: Path) -> None:
+    remote = RemoteDir.open(f"{s3_bucket}/results/exp")
+    assert remote.files() == []
+    source = tmp_path / "source"
+    (source / "trial_1").mkdir(parents=True)
+    (source / "sweep.yaml").write_text("num_samples: 3\n")
+    (source / "trial_1" / "result.json").write_text('{"epoch": 1}\n')
+    remote.upload_files(source, ["sweep.yaml", "trial_1/result.json"])
+
+    listed = {file.relative_path: file for file in remote.files()}
+    assert set(listed) == {"sweep.yaml", "trial_1/result.json"}
+    assert listed["sweep.yaml"].size == len("num_samples: 3\n")
+
+    copy = tmp_path / "copy"
+    assert not remote.is_current(listed["trial_1/result.json"], copy)
+    remote.download(listed["trial_1/result.json"], copy)
+    assert (copy / "trial_1" / "result.json").read_text() == '{"epoch": 1}\n'
+    assert remote.is_current(listed["trial_1/result.json"], copy)
+    assert not list(copy.rglob("*.partial"))
+    (copy / "trial_1" / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    assert not remote.is_current(listed["trial_1/result.json"], copy)
+
+
+def test_a_writable_store_passes_the_write_check_and_keeps_no_probe(s3_bucket: str) -> None:
+    remote = RemoteDir.open(f"{s3_bucket}/results/exp")
+    remote.check_writable()
+    assert remote.files() == []
+
+
+def test_a_missing_bucket_fails_the_write_check_naming_the_uri(s3_environment: S3Server) -> None:
+    remote = RemoteDir.open("s3://no-such-bucket/results")
+    with pytest.raises(StorageError) as error:
+        remote.check_writable()
+    message = str(error.value)
+    assert message.startswith("cannot write to s3://no-such-bucket/results: ")
+    assert "NO_SUCH_BUCKET" in message
+    assert "AWS_ENDPOINT_URL" in message  # the checklist
+
+
+def test_an_unreachable_endpoint_fails_naming_the_uri(s3_environment: S3Server) -> None:
+    uri = f"s3://bucket/results?endpoint_override=http://127.0.0.1:{free_loopback_port()}"
+    with pytest.raises(StorageError, match=r"cannot list s3://bucket/results\?endpoint_override"):
+        RemoteDir.open(uri).files()
+
+
+@pytest.mark.parametrize("credentials", ["missing", "unknown"])
+def test_credentials_the_store_refuses_fail_the_write_check_naming_the_uri(
+    s3_bucket: str, credentials: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto checks signatures only once its count of unauthenticated actions is used up.
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    if credentials == "missing":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    remote = RemoteDir.open(f"{s3_bucket}/results")
+    with pytest.raises(StorageError, match=f"cannot write to {s3_bucket}/results: "):
+        remote.check_writable()
+
+
+def test_a_uri_pyarrow_cannot_take_is_an_error_naming_it(s3_environment: S3Server) -> None:
+    with pytest.raises(StorageError, match=r"cannot open s3://bucket/results\?colour=blue: "):
+        RemoteDir.open("s3://bucket/results?colour=blue")
