@@ -100,7 +100,10 @@ cleanup() {
         if [ -n "$node_sshd" ]; then kill -KILL "$node_sshd" 2>/dev/null; else kill -KILL "$namespace_pid"; fi
         wait "$namespace_pid" 2>/dev/null
     fi
-    [ -z "$control_dir" ] || rm -rf "$control_dir"
+    if [ -n "$control_dir" ]; then
+        rm -rf "$control_dir"
+        rmdir "$(dirname "$control_dir")" 2>/dev/null
+    fi
     rm -rf "$work"
     exit "$status"
 }
