@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 # The Optuna user attribute holding the Ray trial id, the name the trial folders,
 # the leaderboard and MLflow use.
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
+# The Optuna study attribute holding the experiment dir the sweep started in. Ray's
+# snapshot (new trials' storage) and the searcher state (the journal) hold that path, so
+# a sweep resumes only there.
+EXPERIMENT_DIR_ATTR = "experiment_dir"
 
 
 def metric_mode(metric: str) -> str:
@@ -90,13 +94,69 @@ def trial_space(config: SweepConfig, vgg16_weights: str) -> TrialSpace:
 
 
 class TrialIdOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for."""
+    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for.
+
+    Restored after its driver died, it takes the study in the journal as the truth.
+    The journal is written at once, while Ray snapshots the searcher with the trial
+    list only every few seconds, so the journal may be ahead of the snapshot: an
+    Optuna trial asked for by a Ray trial the snapshot lacks is handed to the next
+    new Ray trial (same parameters, nothing sampled twice), and a trial told after
+    the snapshot is not told again.
+    """
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        import optuna
+
+        unclaimed: list[int] = getattr(self, "_unclaimed_trials", [])
+        if trial_id not in self._ot_trials and unclaimed:
+            self._ot_trials[trial_id] = optuna.Trial(self._study, unclaimed.pop(0))
         config: dict[str, Any] | None = super().suggest(trial_id)
         # OptunaSearch keeps the Optuna trial it asked for, by Ray trial id, in `_ot_trials`.
         self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         return config
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials:
+            return  # told before the driver died; Ray reran its last epochs after the snapshot
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self._storage is not None:  # an in-memory study: the snapshot is all there is
+            self._reconcile_with_study()
+
+    @property
+    def _study(self) -> optuna.Study:
+        """The Optuna study (``OptunaSearch`` types it as possibly unset)."""
+        assert self._ot_study is not None, "the searcher has no study yet"
+        study: optuna.Study = self._ot_study
+        return study
+
+    def _reconcile_with_study(self) -> None:
+        import optuna
+
+        snapshot = dict(self._ot_trials)  # Ray trial id -> Optuna trial, as Ray snapshotted
+        in_study: dict[str, optuna.trial.FrozenTrial] = {}
+        unclaimed = []
+        for frozen in self._study.get_trials(deepcopy=False):
+            ray_trial_id = frozen.user_attrs.get(RAY_TRIAL_ID_ATTR)
+            if isinstance(ray_trial_id, str) and ray_trial_id in snapshot:
+                in_study[ray_trial_id] = frozen
+            elif frozen.state == optuna.trial.TrialState.RUNNING:
+                unclaimed.append(frozen._trial_id)
+        self._ot_trials = {
+            ray_trial_id: optuna.Trial(
+                self._study,
+                in_study[ray_trial_id]._trial_id if ray_trial_id in in_study else trial._trial_id,
+            )
+            for ray_trial_id, trial in snapshot.items()
+        }
+        self._completed_trials = set(self._completed_trials) | {
+            ray_trial_id for ray_trial_id, frozen in in_study.items() if frozen.state.is_finished()
+        }
+        self._unclaimed_trials = unclaimed
 
 
 def journal_storage(path: Path) -> optuna.storages.JournalStorage:
@@ -146,6 +206,7 @@ def build_searcher(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(config.objectives))
+        study.set_user_attr(EXPERIMENT_DIR_ATTR, str(journal.resolve().parent))
     if len(config.objectives) == 1:
         return TrialIdOptunaSearch(
             space=space,
@@ -181,6 +242,14 @@ def mlflow_callback(tracking_uri: str, experiment_name: str) -> tune.Callback:
     )
 
 
+def build_trainable(config: SweepConfig, data: TrialData) -> Any:
+    """``train_trial`` with the data in the object store and each family's resources."""
+    resources = FamilyResourcesFn(
+        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
+    )
+    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+
+
 def build_tuner(
     config: SweepConfig,
     data: TrialData,
@@ -195,10 +264,7 @@ def build_tuner(
     The experiment dir ``storage_path/experiment_name`` must exist: the Optuna
     journal is created in it here.
     """
-    resources = FamilyResourcesFn(
-        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
-    )
-    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+    trainable = build_trainable(config, data)
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         metric=config.scheduler_metric,
