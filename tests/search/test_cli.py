@@ -9,7 +9,7 @@ import pytest
 
 from cxrtune.search.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
 
-COMMANDS = [["sweep"], ["leaderboard"], ["data"], ["data", "synth"]]
+COMMANDS = [["sweep"], ["resume"], ["leaderboard"], ["data"], ["data", "synth"]]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
