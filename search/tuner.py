@@ -101,7 +101,9 @@ class TrialIdOptunaSearch(OptunaSearch):
     list only every few seconds, so the journal may be ahead of the snapshot: an
     Optuna trial asked for by a Ray trial the snapshot lacks is handed to the next
     new Ray trial (same parameters, nothing sampled twice), and a trial told after
-    the snapshot is not told again.
+    the snapshot is not told again. An Optuna trial that was asked for and finished
+    after the snapshot (within seconds: a trial erroring at once) stays in the
+    journal, and Ray runs a trial in its place.
     """
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -137,22 +139,25 @@ class TrialIdOptunaSearch(OptunaSearch):
     def _reconcile_with_study(self) -> None:
         import optuna
 
-        snapshot = dict(self._ot_trials)  # Ray trial id -> Optuna trial, as Ray snapshotted
+        # Ray trial id -> Optuna trial, as Ray snapshotted them; their study, unpickled
+        # from the snapshot, has read the whole journal.
+        snapshot = self._ot_trials
         in_study: dict[str, optuna.trial.FrozenTrial] = {}
         unclaimed = []
+        asked_after_snapshot = False
         for frozen in self._study.get_trials(deepcopy=False):
             ray_trial_id = frozen.user_attrs.get(RAY_TRIAL_ID_ATTR)
             if isinstance(ray_trial_id, str) and ray_trial_id in snapshot:
                 in_study[ray_trial_id] = frozen
-            elif frozen.state == optuna.trial.TrialState.RUNNING:
-                unclaimed.append(frozen._trial_id)
-        self._ot_trials = {
-            ray_trial_id: optuna.Trial(
-                self._study,
-                in_study[ray_trial_id]._trial_id if ray_trial_id in in_study else trial._trial_id,
-            )
-            for ray_trial_id, trial in snapshot.items()
-        }
+            elif frozen.state != optuna.trial.TrialState.WAITING:
+                asked_after_snapshot = True
+                if frozen.state == optuna.trial.TrialState.RUNNING:
+                    unclaimed.append(frozen._trial_id)
+        if asked_after_snapshot:
+            # The sampler's random state is the snapshot's: left as it is, it would draw
+            # again the parameters it drew for the trials asked for since. The sweep stays
+            # seeded up to the resume, not after it.
+            self._study.sampler.reseed_rng()
         self._completed_trials = set(self._completed_trials) | {
             ray_trial_id for ray_trial_id, frozen in in_study.items() if frozen.state.is_finished()
         }

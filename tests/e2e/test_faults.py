@@ -198,6 +198,7 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
     assert len(trials) == NUM_SAMPLES
     assert sorted(trial.user_attrs[RAY_TRIAL_ID_ATTR] for trial in trials) == sorted(trial_ids)
     assert all(trial.state.name == "COMPLETE" for trial in trials)
+    assert len({tuple(sorted(trial.params.items())) for trial in trials}) == NUM_SAMPLES
     leaderboard = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial_id": str})
     assert sorted(leaderboard["trial_id"]) == sorted(trial_ids)
 
