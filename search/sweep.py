@@ -339,9 +339,14 @@ def require_resumable(directory: Path) -> None:
             f"cannot resume {directory}: Ray saved no experiment state "
             f"({EXPERIMENT_STATE_PATTERN}); the sweep died before its first trial started"
         )
-    study = optuna.load_study(
-        study_name=OPTUNA_STUDY_NAME, storage=journal_storage(directory / OPTUNA_JOURNAL)
-    )
+    try:
+        study = optuna.load_study(
+            study_name=OPTUNA_STUDY_NAME, storage=journal_storage(directory / OPTUNA_JOURNAL)
+        )
+    except KeyError as error:  # Optuna's word for a study the storage does not hold
+        raise ExperimentError(
+            f"cannot resume {directory}: {OPTUNA_JOURNAL} holds no study {OPTUNA_STUDY_NAME!r}"
+        ) from error
     started_in = study.user_attrs.get(EXPERIMENT_DIR_ATTR, str(directory))
     if Path(started_in) != directory:
         raise ExperimentError(

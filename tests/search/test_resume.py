@@ -63,3 +63,13 @@ def test_resuming_a_dir_without_ray_state_exits_2_naming_the_file(
     assert "tuner.pkl is missing" in capsys.readouterr().err
     assert main(["resume", str(directory / "elsewhere")]) == EXIT_BAD_INPUT
     assert "experiment dir not found" in capsys.readouterr().err
+
+
+def test_resuming_a_dir_whose_journal_holds_no_study_exits_2(
+    started_sweep: tuple[SweepConfig, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, directory = started_sweep
+    for name in ("tuner.pkl", "optuna_study.journal", "experiment_state-2026-01-05_10-00-00.json"):
+        (directory / name).write_text("")
+    assert main(["resume", str(directory)]) == EXIT_BAD_INPUT
+    assert "holds no study 'cxrtune'" in capsys.readouterr().err
