@@ -7,7 +7,8 @@ Layout, under ``storage_path/<experiment name>/``:
 - ``ingest_report.json`` and ``ingest_report.txt``: what ingest saw, skipped and refused;
 - ``splits.csv``: path, label, group, split and content hash of every image;
 - one folder per trial (Ray's): ``params.json``, ``result.json`` (one JSON line
-  per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed;
+  per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed (Tune
+  leaves it behind when a retry recovered the trial, which then reported again);
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
 
 The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``):
@@ -18,6 +19,7 @@ uploads what it writes there back.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -137,6 +139,18 @@ def read_experiment(directory: str | Path) -> Experiment:
     return Experiment(directory=directory, sweep=sweep, dataset=dataset, trials=trials)
 
 
+def recovered_after(error: str, results: pd.DataFrame) -> bool:
+    """Whether the trial reported an epoch after the last failure ``error.txt`` records.
+
+    Tune writes ``Failure # N (occurred at <date>)`` and each result's ``date`` in
+    the same format, so the two compare as strings.
+    """
+    failures = re.findall(r"^Failure # \d+ \(occurred at (\S+)\)", error, flags=re.MULTILINE)
+    if not failures or "date" not in results or results.empty:
+        return False
+    return str(results["date"].iloc[-1]) > failures[-1]
+
+
 def read_trial(directory: Path) -> TrialRecord:
     """Read one trial folder: its config, its per-epoch results and its error, if any."""
     config = json.loads((directory / PARAMS_FILE).read_text())
@@ -152,6 +166,8 @@ def read_trial(directory: Path) -> TrialRecord:
     results = pd.DataFrame(rows)
     error_path = directory / ERROR_FILE
     error = error_path.read_text().strip() if error_path.is_file() else None
+    if error is not None and recovered_after(error, results):
+        error = None
     if "trial_id" in results:
         trial_id = str(results["trial_id"].iloc[0])
     else:  # a trial that never reported: its folder is named <trial id>_<family>

@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(handler=run_sweep_command)
 
+    resume = commands.add_parser(
+        "resume",
+        help="finish an interrupted sweep and print its leaderboard",
+        description="Finish a sweep whose command was killed or lost its connection, from its "
+        "experiment dir. Finished trials are kept, unfinished ones continue from their last "
+        "checkpoint, trials that errored stay errored, and Optuna's study goes on where it "
+        "stopped until the sweep has num_samples trials. The data must be unchanged.",
+    )
+    resume.add_argument("experiment_dir")
+    resume.add_argument(
+        "--address", help="address of a running Ray cluster (default: start one locally)"
+    )
+    resume.add_argument(
+        "--top", type=int, default=20, help="leaderboard rows to print (default 20)"
+    )
+    resume.set_defaults(handler=run_resume_command)
+
     leaderboard = commands.add_parser(
         "leaderboard",
         help="rank the trials of an experiment dir and evaluate them on the test split",
@@ -199,13 +216,6 @@ def run_inspect_command(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
-    from cxrtune.analysis.leaderboard import (
-        build_leaderboard,
-        format_leaderboard,
-        write_leaderboard,
-    )
-    from cxrtune.analysis.storage import joined
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
@@ -216,18 +226,44 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         overrides.append(f"mlflow_uri={args.mlflow_uri}")
     config = load_sweep_config(args.sweep_file, overrides)
     outcome = run_sweep(config, name=args.name, address=args.address)
+    return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
+
+
+def run_resume_command(args: argparse.Namespace) -> int:
+    from cxrtune.analysis.experiment import SWEEP_FILE
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.sweep import resume_sweep
+
+    outcome = resume_sweep(args.experiment_dir, address=args.address)
+    config = load_sweep_config(outcome.experiment_dir / SWEEP_FILE)
+    return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
+
+
+def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, *, top: int) -> int:
+    """Rank a finished sweep, write and print its leaderboard; exit 1 when nothing ranked.
+
+    ``experiment_dir`` may be an ``s3://`` URI: the ranking runs on a local mirror.
+    """
+    from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
+    from cxrtune.analysis.leaderboard import (
+        build_leaderboard,
+        format_leaderboard,
+        write_leaderboard,
+    )
+    from cxrtune.analysis.storage import joined
+
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
-    with local_experiment_dir(outcome.experiment_dir) as experiment_dir:
-        leaderboard = build_leaderboard(read_experiment(experiment_dir))
-        write_leaderboard(leaderboard, experiment_dir)
+    with local_experiment_dir(experiment_dir) as local_dir:
+        leaderboard = build_leaderboard(read_experiment(local_dir))
+        write_leaderboard(leaderboard, local_dir)
         print()
-        print(format_leaderboard(leaderboard, top=args.top))
-        if config.mlflow_uri and len(leaderboard.ranked):
+        print(format_leaderboard(leaderboard, top=top))
+        if mlflow_uri and len(leaderboard.ranked):
             from cxrtune.analysis.mlflow_export import log_top_models
 
-            logged = log_top_models(experiment_dir, config.mlflow_uri)
-            print(f"The top {len(logged)} models were logged to MLflow at {config.mlflow_uri}")
-    written = joined(outcome.experiment_dir, "leaderboard.csv")
+            logged = log_top_models(local_dir, mlflow_uri)
+            print(f"The top {len(logged)} models were logged to MLflow at {mlflow_uri}")
+    written = joined(experiment_dir, "leaderboard.csv")
     print(f"\nLeaderboard written to {written} and leaderboard.md")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
@@ -341,7 +377,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxrtune`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command == "sweep" and not args.address:
+    if args.command in ("sweep", "resume") and not args.address:
         from cxrtune.search.ray_environment import use_loopback_ray
 
         use_loopback_ray()

@@ -19,6 +19,17 @@ class SweepProgress(Callback):
         self.finished = 0
         self.errored = 0
         self.stopped_early = 0
+        self.counted_earlier_trials = False
+
+    def setup(self, *args: Any, **info: Any) -> None:
+        self.started = time.monotonic()  # a resumed sweep is timed from its resumption
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.counted_earlier_trials:
+            # A resumed sweep starts with the trials that ended before its driver died.
+            self.finished = sum(trial.status == "TERMINATED" for trial in trials)
+            self.errored = sum(trial.status == "ERROR" for trial in trials)
+            self.counted_earlier_trials = True
 
     def _print(self, message: str) -> None:
         elapsed = time.monotonic() - self.started

@@ -2,6 +2,10 @@
 
 The data are decoded and split here once, before any trial starts, so that a
 bad dataset fails in seconds with a clear message rather than in every trial.
+
+``resume_sweep`` finishes a sweep whose driver died (killed, machine lost,
+connection dropped) from what its experiment dir holds: Ray's snapshot of the
+trials and the searcher, the Optuna journal, ``sweep.yaml`` and ``splits.csv``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +44,9 @@ from cxrtune.trainables.data import (
 )
 from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_splits, write_splits
 from cxrtune.trainables.trainable import TrialData
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid, Tuner
 
 
 @dataclass(frozen=True)
@@ -270,10 +278,184 @@ def run_sweep(
         vgg16_weights=vgg16_weights,
         progress=progress,
     )
-    results = tuner.fit()
+    results = fit_tuner(tuner)
     return SweepOutcome(
         experiment_dir=experiment_dir, trials=len(results), errored=len(results.errors)
     )
+
+
+def fit_tuner(tuner: Tuner) -> ResultGrid:
+    """``tuner.fit()``, retrying only the trials whose failure may not recur (``retry_policy``)."""
+    from cxrtune.search.retry_policy import retry_only_retryable_errors
+
+    with retry_only_retryable_errors():
+        return tuner.fit()
+
+
+# What Ray writes into the experiment dir when the Tuner starts; its snapshot of the
+# trials and the searcher (experiment_state-*.json, searcher-state-*.pkl) follows.
+TUNER_STATE = "tuner.pkl"
+EXPERIMENT_STATE_PATTERN = "experiment_state-*.json"
+# Trial folders of trials that Ray's last snapshot before the driver died does not
+# know; moved here on resume so that the experiment dir keeps one folder per trial.
+UNRECORDED_TRIALS_DIR = "unrecorded_trials"
+
+
+def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> SweepOutcome:
+    """Finish the interrupted sweep in ``experiment_dir``, keeping the searcher's state.
+
+    Finished trials are kept as they are and unfinished ones continue from their
+    last checkpoint. Trials that errored stay errored and are not run again:
+    the retry policy already retried every failure that could go away
+    (``max_failures``), so what is left is the trial's own error, which the
+    leaderboard lists. New trials are asked for only until the sweep has
+    ``num_samples``. The train and val arrays are rebuilt from the dir's
+    ``sweep.yaml`` and ``splits.csv`` (reusing the dataset cache) and must be
+    identical to the ones the sweep started with: a changed or missing image is a
+    ``DataError``; a missing file of the experiment dir is an ``ExperimentError``.
+    """
+    if not address:
+        use_loopback_ray()  # before the imports below bring Ray in
+    from ray import tune
+
+    from cxrtune.analysis.experiment import ExperimentError
+    from cxrtune.analysis.storage import is_remote, redacted
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.tuner import build_trainable
+
+    if is_remote(str(experiment_dir)):
+        # Ray can restore from S3, but the searcher's Optuna journal lives on the disk
+        # of the driver that started the sweep, and resume does not fetch it yet.
+        raise ExperimentError(
+            f"cannot resume {redacted(str(experiment_dir))}: resuming a sweep stored on S3 "
+            "is not supported yet; start a new sweep (finished trials stay readable by "
+            "`cxrtune leaderboard`)"
+        )
+    directory = Path(experiment_dir).expanduser().resolve()
+    require_resumable(directory)
+    config = load_sweep_config(directory / SWEEP_FILE)
+    prepared = prepare_resumed_data(config, directory)
+    print(describe_data(prepared.info))
+    print(f"Resuming the sweep in {directory}")
+
+    start_ray(address)
+    tuner = tune.Tuner.restore(
+        str(directory),
+        trainable=build_trainable(config, prepared.trial_data()),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
+    recorded = tuner.get_results()
+    print(
+        f"{len(recorded)} trial(s) recorded: {recorded.num_terminated} finished (kept), "
+        f"{recorded.num_errors} errored (stay errored), the rest continue from their "
+        "last checkpoint"
+    )
+    set_aside_unrecorded_trials(
+        directory, {Path(recorded[index].path).name for index in range(len(recorded))}
+    )
+    results = fit_tuner(tuner)
+    return SweepOutcome(experiment_dir=directory, trials=len(results), errored=len(results.errors))
+
+
+def require_resumable(directory: Path) -> None:
+    """Raise ``ExperimentError`` naming what ``directory`` lacks to be resumed.
+
+    A sweep resumes only in the folder it started in: Ray's snapshot places new
+    trials, and the searcher state finds the Optuna journal, by absolute path.
+    """
+    import optuna
+
+    from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME, ExperimentError
+    from cxrtune.search.tuner import EXPERIMENT_DIR_ATTR, journal_storage
+
+    if not directory.is_dir():
+        raise ExperimentError(f"experiment dir not found: {directory}")
+    for required in (SWEEP_FILE, DATASET_FILE, SPLITS_FILE, TUNER_STATE, OPTUNA_JOURNAL):
+        if not (directory / required).is_file():
+            raise ExperimentError(f"cannot resume {directory}: {required} is missing")
+    if not any(directory.glob(EXPERIMENT_STATE_PATTERN)):
+        raise ExperimentError(
+            f"cannot resume {directory}: Ray saved no experiment state "
+            f"({EXPERIMENT_STATE_PATTERN}); the sweep died before its first trial started"
+        )
+    try:
+        study = optuna.load_study(
+            study_name=OPTUNA_STUDY_NAME, storage=journal_storage(directory / OPTUNA_JOURNAL)
+        )
+    except KeyError as error:  # Optuna's word for a study the storage does not hold
+        raise ExperimentError(
+            f"cannot resume {directory}: {OPTUNA_JOURNAL} holds no study {OPTUNA_STUDY_NAME!r}"
+        ) from error
+    started_in = study.user_attrs.get(EXPERIMENT_DIR_ATTR, str(directory))
+    if Path(started_in) != directory:
+        raise ExperimentError(
+            f"cannot resume {directory}: the sweep started in {started_in}, and Ray's saved "
+            "state points there; move the folder back and resume it at that path"
+        )
+
+
+def prepare_resumed_data(config: SweepConfig, directory: Path) -> PreparedData:
+    """The data of the sweep in ``directory``, split as its ``splits.csv`` says.
+
+    Raises ``DataError`` when an image of the split is missing or its label or
+    content changed since the sweep started.
+    """
+    import pandas as pd
+
+    from cxrtune.trainables.data import DataError
+    from cxrtune.trainables.splits import read_splits
+
+    info = DatasetInfo.read(directory / DATASET_FILE)
+    root = ensure_synthetic_data(config) if info.synthetic else Path(info.root)
+    if not root.exists():
+        raise DataError(f"the sweep's dataset {root} is missing; it is needed to resume")
+    dataset, report, _, _ = ingest_with_progress(config, root)
+    if list(dataset.class_names) != list(info.class_names):
+        raise DataError(
+            f"the classes in {root} are now {list(dataset.class_names)}; "
+            f"the sweep started with {info.class_names}"
+        )
+    splits = read_splits(dataset, directory / SPLITS_FILE)
+    table = pd.read_csv(directory / SPLITS_FILE, keep_default_na=False)
+    index_of = {path: index for index, path in enumerate(dataset.paths)}
+    indices = table["path"].map(index_of).to_numpy()
+    labels = np.array(dataset.class_names)[dataset.labels[indices]]
+    hashes = np.array(dataset.hashes)[indices]
+    changed = table["path"][(labels != table["label"]) | (hashes != table["content_hash"])]
+    if len(changed):
+        raise DataError(
+            f"{len(changed)} image(s) of {root} changed since the sweep started, "
+            f"e.g. {list(changed[:3])}; resuming would train on different data"
+        )
+    groups = np.full(len(dataset.labels), -1)
+    groups[indices] = table["group"].to_numpy()
+    return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
+
+
+def set_aside_unrecorded_trials(directory: Path, recorded: set[str]) -> None:
+    """Move trial folders that Ray's snapshot lacks into ``unrecorded_trials/``.
+
+    Such a folder belongs to a trial started in the seconds between Ray's last
+    snapshot and the driver's death; its Optuna trial is handed to a new Ray
+    trial, which starts again from its first epoch with the same parameters.
+    """
+    import shutil
+
+    from cxrtune.spaces import FAMILIES
+
+    for folder in sorted(directory.iterdir()):
+        is_trial = folder.is_dir() and any(
+            folder.name.endswith(f"_{family}") for family in FAMILIES
+        )
+        if is_trial and folder.name not in recorded:
+            destination = directory / UNRECORDED_TRIALS_DIR / folder.name
+            destination.parent.mkdir(exist_ok=True)
+            shutil.move(folder, destination)
+            print(
+                f"Trial folder {folder.name} was not in Ray's last snapshot: moved to {destination}"
+            )
 
 
 def describe_data(info: DatasetInfo) -> str:

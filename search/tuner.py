@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 # The Optuna user attribute holding the Ray trial id, the name the trial folders,
 # the leaderboard and MLflow use.
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
+# The Optuna study attribute holding the experiment dir the sweep started in. Ray's
+# snapshot (new trials' storage) and the searcher state (the journal) hold that path, so
+# a sweep resumes only there.
+EXPERIMENT_DIR_ATTR = "experiment_dir"
 
 
 def metric_mode(metric: str) -> str:
@@ -94,13 +98,74 @@ def trial_space(config: SweepConfig, vgg16_weights: str) -> TrialSpace:
 
 
 class TrialIdOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for."""
+    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for.
+
+    Restored after its driver died, it takes the study in the journal as the truth.
+    The journal is written at once, while Ray snapshots the searcher with the trial
+    list only every few seconds, so the journal may be ahead of the snapshot: an
+    Optuna trial asked for by a Ray trial the snapshot lacks is handed to the next
+    new Ray trial (same parameters, nothing sampled twice), and a trial told after
+    the snapshot is not told again. An Optuna trial that was asked for and finished
+    after the snapshot (within seconds: a trial erroring at once) stays in the
+    journal, and Ray runs a trial in its place.
+    """
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        import optuna
+
+        unclaimed: list[int] = getattr(self, "_unclaimed_trials", [])
+        if trial_id not in self._ot_trials and unclaimed:
+            self._ot_trials[trial_id] = optuna.Trial(self._study, unclaimed.pop(0))
         config: dict[str, Any] | None = super().suggest(trial_id)
         # OptunaSearch keeps the Optuna trial it asked for, by Ray trial id, in `_ot_trials`.
         self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         return config
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if trial_id in self._completed_trials:
+            return  # told before the driver died; Ray reran its last epochs after the snapshot
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if self._storage is not None:  # an in-memory study: the snapshot is all there is
+            self._reconcile_with_study()
+
+    @property
+    def _study(self) -> optuna.Study:
+        """The Optuna study (``OptunaSearch`` types it as possibly unset)."""
+        assert self._ot_study is not None, "the searcher has no study yet"
+        study: optuna.Study = self._ot_study
+        return study
+
+    def _reconcile_with_study(self) -> None:
+        import optuna
+
+        # Ray trial id -> Optuna trial, as Ray snapshotted them; their study, unpickled
+        # from the snapshot, has read the whole journal.
+        snapshot = self._ot_trials
+        in_study: dict[str, optuna.trial.FrozenTrial] = {}
+        unclaimed = []
+        asked_after_snapshot = False
+        for frozen in self._study.get_trials(deepcopy=False):
+            ray_trial_id = frozen.user_attrs.get(RAY_TRIAL_ID_ATTR)
+            if isinstance(ray_trial_id, str) and ray_trial_id in snapshot:
+                in_study[ray_trial_id] = frozen
+            elif frozen.state != optuna.trial.TrialState.WAITING:
+                asked_after_snapshot = True
+                if frozen.state == optuna.trial.TrialState.RUNNING:
+                    unclaimed.append(frozen._trial_id)
+        if asked_after_snapshot:
+            # The sampler's random state is the snapshot's: left as it is, it would draw
+            # again the parameters it drew for the trials asked for since. The sweep stays
+            # seeded up to the resume, not after it.
+            self._study.sampler.reseed_rng()
+        self._completed_trials = set(self._completed_trials) | {
+            ray_trial_id for ray_trial_id, frozen in in_study.items() if frozen.state.is_finished()
+        }
+        self._unclaimed_trials = unclaimed
 
 
 def journal_storage(path: Path) -> optuna.storages.JournalStorage:
@@ -150,6 +215,7 @@ def build_searcher(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(config.objectives))
+        study.set_user_attr(EXPERIMENT_DIR_ATTR, str(journal.resolve().parent))
     if len(config.objectives) == 1:
         return TrialIdOptunaSearch(
             space=space,
@@ -223,6 +289,14 @@ class JournalUpload(tune.Callback):
         self.upload()
 
 
+def build_trainable(config: SweepConfig, data: TrialData) -> Any:
+    """``train_trial`` with the data in the object store and each family's resources."""
+    resources = FamilyResourcesFn(
+        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
+    )
+    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+
+
 def build_tuner(
     config: SweepConfig,
     data: TrialData,
@@ -239,10 +313,7 @@ def build_tuner(
     store's pyarrow filesystem, and the journal lives in the driver's local folder for
     the experiment (``driver_files_dir``), uploaded as the sweep goes.
     """
-    resources = FamilyResourcesFn(
-        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
-    )
-    trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+    trainable = build_trainable(config, data)
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         metric=config.scheduler_metric,

@@ -4,13 +4,27 @@ One ``checkpoint.pt`` per checkpoint directory holds the model and optimizer
 state, the epoch, the random number states, the resolved ``TrialConfig`` and what the
 model needs to be rebuilt (class names, image size). It contains only tensors
 and builtins, so it loads with ``torch.load(weights_only=True)``.
+
+The file is written under a temporary name and renamed into place, so a reader
+never sees half of it, and ``checkpoint.sha256`` beside it (``sha256sum -c``
+format) lets a reader tell a file cut short or damaged in storage from a good
+one. A trial resuming from a checkpoint that fails either check falls back to
+the newest earlier checkpoint of the same trial that passes (``newest_readable_state``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import pickle
+import posixpath
+import re
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,7 +32,17 @@ from torch import nn
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.models import create_model
 
+if TYPE_CHECKING:
+    from ray.tune import Checkpoint
+
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKSUM_FILE = "checkpoint.sha256"
+# Ray names a trial's checkpoint folders checkpoint_000000, checkpoint_000001, ...
+CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_(\d+)$")
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is missing, cut short or does not match its checksum."""
 
 
 def save_checkpoint(
@@ -33,34 +57,127 @@ def save_checkpoint(
     image_size: int,
     metrics: dict[str, float],
 ) -> Path:
-    """Write ``directory/checkpoint.pt``; ``epoch`` is the number of epochs completed."""
+    """Write ``directory/checkpoint.pt`` and its checksum; ``epoch`` is the epochs completed.
+
+    An existing checkpoint in ``directory`` stays intact until the new one is complete.
+    """
     path = directory / CHECKPOINT_FILE
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "generator": generator.get_state(),
-            # Dropout draws from torch's global generator; saving it makes a resumed
-            # trial continue exactly where the interrupted one stopped.
-            "torch_rng": torch.get_rng_state(),
-            "trial_config": config.to_dict(),
-            "class_names": list(class_names),
-            "image_size": image_size,
-            "metrics": dict(metrics),
-        },
-        path,
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "generator": generator.get_state(),
+        # Dropout draws from torch's global generator; saving it makes a resumed
+        # trial continue exactly where the interrupted one stopped.
+        "torch_rng": torch.get_rng_state(),
+        "trial_config": config.to_dict(),
+        "class_names": list(class_names),
+        "image_size": image_size,
+        "metrics": dict(metrics),
+    }
+    _write_atomically(path, lambda partial: torch.save(state, partial))
+    digest = _sha256(path)
+    _write_atomically(
+        directory / CHECKSUM_FILE,
+        lambda partial: partial.write_text(f"{digest}  {CHECKPOINT_FILE}\n"),
     )
     return path
 
 
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(partial)`` on a temporary file beside ``path``, flush it, rename it."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file (a directory holding one is accepted too)."""
+    """Load a checkpoint file (a directory holding one is accepted too).
+
+    Raises ``CheckpointCorruptError`` when the file is missing, does not match the
+    checksum written beside it, or cannot be unpickled (checkpoints written before
+    checksums existed are checked by loading alone).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
-    state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    if not path.is_file():
+        raise CheckpointCorruptError(f"checkpoint file {path} is missing")
+    checksum = path.with_name(CHECKSUM_FILE)
+    if checksum.is_file():
+        recorded = checksum.read_text().split()
+        if not recorded or _sha256(path) != recorded[0]:
+            raise CheckpointCorruptError(
+                f"checkpoint file {path} does not match its checksum in {checksum.name} "
+                "(cut short or damaged)"
+            )
+    try:
+        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointCorruptError(f"checkpoint file {path} cannot be read: {error}") from error
     return state
+
+
+def newest_readable_state(
+    checkpoint: Checkpoint, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The state in Ray's ``checkpoint``, or in the newest earlier one of its trial that reads.
+
+    Earlier means a sibling ``checkpoint_<index>`` folder with a lower index (the
+    ones the checkpoint config kept); later ones are ignored, since Ray never
+    registered them. Each one skipped is reported on stderr. Raises
+    ``CheckpointCorruptError`` when none of them reads.
+    """
+    from ray.tune import Checkpoint
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    candidates = [checkpoint]
+    if match := CHECKPOINT_DIR_PATTERN.match(name):
+        earlier = sorted(
+            (index, sibling)
+            for index, sibling in _checkpoint_dirs(checkpoint.filesystem, parent)
+            if index < int(match.group(1))
+        )
+        candidates += [
+            Checkpoint(path=posixpath.join(parent, sibling), filesystem=checkpoint.filesystem)
+            for _, sibling in reversed(earlier)
+        ]
+    problems = []
+    for candidate in candidates:
+        try:
+            with candidate.as_directory() as directory:
+                return read_checkpoint(Path(directory), device)
+        except CheckpointCorruptError as error:
+            problems.append(str(error))
+            print(f"cxrtune: skipping an unreadable checkpoint: {error}", file=sys.stderr)
+    raise CheckpointCorruptError(
+        f"no readable checkpoint among {len(candidates)} in {parent}: " + "; ".join(problems)
+    )
+
+
+def _checkpoint_dirs(filesystem: Any, parent: str) -> list[tuple[int, str]]:
+    """``(index, name)`` of every ``checkpoint_<index>`` folder in ``parent``."""
+    import pyarrow.fs
+
+    found = []
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(parent)):
+        match = CHECKPOINT_DIR_PATTERN.match(info.base_name)
+        if match and info.type == pyarrow.fs.FileType.Directory:
+            found.append((int(match.group(1)), info.base_name))
+    return found
 
 
 def model_from_checkpoint(

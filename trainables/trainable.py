@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrtune.trainables.checkpoints import read_checkpoint, save_checkpoint
+from cxrtune.trainables.checkpoints import newest_readable_state, save_checkpoint
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import (
     epoch_indices,
@@ -58,8 +58,7 @@ def train_trial(config: dict[str, Any], data: TrialData) -> None:
     optimizer = build_optimizer(trial, model)
     completed_epochs = 0
     if checkpoint := tune.get_checkpoint():
-        with checkpoint.as_directory() as directory:
-            state = read_checkpoint(Path(directory))
+        state = newest_readable_state(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])

@@ -165,7 +165,10 @@ def test_the_top_trials_have_their_chosen_checkpoint_as_the_model_artifact(sweep
     for rank, trial_id in enumerate(top, start=1):
         run_id = sweep.top_runs[trial_id]
         artifacts = [item.path for item in client.list_artifacts(run_id, MODEL_ARTIFACT)]
-        assert artifacts == [f"{MODEL_ARTIFACT}/checkpoint.pt"]
+        assert sorted(artifacts) == [
+            f"{MODEL_ARTIFACT}/checkpoint.pt",
+            f"{MODEL_ARTIFACT}/checkpoint.sha256",
+        ]
         tags = client.get_run(run_id).data.tags
         assert tags["leaderboard_rank"] == str(rank)
         assert tags["trial_name"].endswith(trial_id)

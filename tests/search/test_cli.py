@@ -9,7 +9,7 @@ import pytest
 
 from cxrtune.search.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
 
-COMMANDS = [["sweep"], ["leaderboard"], ["data"], ["data", "synth"]]
+COMMANDS = [["sweep"], ["resume"], ["leaderboard"], ["data"], ["data", "synth"]]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -106,3 +106,10 @@ def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(tmp_path: Path
     skipped = run_cli("data", "inspect", str(root), "--skip-bad-images")
     assert skipped.returncode == EXIT_OK
     assert "Unreadable files (skipped): 3" in skipped.stdout
+
+
+def test_resuming_a_sweep_stored_on_s3_exits_2_saying_it_is_not_supported() -> None:
+    result = run_cli("resume", "s3://KEY:SECRET@bucket/results/exp-1")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "not supported yet" in result.stderr and "s3://***@bucket/results/exp-1" in result.stderr
+    assert "SECRET" not in result.stderr and "Traceback" not in result.stderr

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 
-from cxrtune.trainables.checkpoints import model_from_checkpoint, read_checkpoint, save_checkpoint
+from cxrtune.trainables.checkpoints import (
+    CHECKSUM_FILE,
+    CheckpointCorruptError,
+    model_from_checkpoint,
+    newest_readable_state,
+    read_checkpoint,
+    save_checkpoint,
+)
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.models import create_model
 
@@ -45,3 +54,97 @@ def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_pa
     model.eval()
     assert torch.allclose(restored(images), model(images))
     assert read_checkpoint(directory / "checkpoint.pt")["metrics"] == {"val_macro_auc": 0.75}
+
+
+def write_epoch_checkpoint(directory: Path, epoch: int) -> Path:
+    """A baseline_cnn checkpoint of ``epoch`` in ``directory`` (created)."""
+    config = TrialConfig(family="baseline_cnn", lr=1e-3, batch_size=8, imbalance="none")
+    model = create_model(config, num_classes=2, image_size=16)
+    directory.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(
+        directory,
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters()),
+        config=config,
+        epoch=epoch,
+        generator=torch.Generator().manual_seed(0),
+        class_names=("A", "B"),
+        image_size=16,
+        metrics={"epoch": epoch},
+    )
+
+
+def test_a_checkpoint_is_written_with_its_checksum_and_no_partial_file(tmp_path: Path) -> None:
+    path = write_epoch_checkpoint(tmp_path, epoch=1)
+    digest, name = (tmp_path / CHECKSUM_FILE).read_text().split()
+    assert name == "checkpoint.pt"
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.sha256"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_epoch_checkpoint(tmp_path, epoch=1)
+
+    def save_half_then_fail(state: object, destination: Path) -> None:
+        Path(destination).write_bytes(path.read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_epoch_checkpoint(tmp_path, epoch=2)
+    assert read_checkpoint(tmp_path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.sha256"]
+
+
+def test_a_truncated_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    path = write_epoch_checkpoint(tmp_path, epoch=1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointCorruptError, match="does not match its checksum"):
+        read_checkpoint(tmp_path)
+    (tmp_path / CHECKSUM_FILE).unlink()  # as in a checkpoint written before checksums
+    with pytest.raises(CheckpointCorruptError, match="cannot be read"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_damaged_byte_of_the_same_length_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    path = write_epoch_checkpoint(tmp_path, epoch=1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=str(path)):
+        read_checkpoint(path)
+
+
+def test_a_missing_checkpoint_file_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointCorruptError, match="missing"):
+        read_checkpoint(tmp_path)
+
+
+def test_resuming_falls_back_to_the_newest_earlier_readable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ray.tune import Checkpoint
+
+    for index in range(4):  # epochs 1..4 in checkpoint_000000..checkpoint_000003
+        write_epoch_checkpoint(tmp_path / f"checkpoint_{index:06d}", epoch=index + 1)
+    (tmp_path / "checkpoint_000001" / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "checkpoint_000002" / "checkpoint.pt").unlink()
+    registered = Checkpoint.from_directory(tmp_path / "checkpoint_000002")
+
+    state = newest_readable_state(registered)
+
+    assert state["epoch"] == 1  # not epoch 4: Ray never registered checkpoint_000003
+    skipped = capsys.readouterr().err
+    assert "checkpoint_000002" in skipped and "checkpoint_000001" in skipped
+
+
+def test_resuming_fails_loudly_when_no_checkpoint_of_the_trial_reads(tmp_path: Path) -> None:
+    from ray.tune import Checkpoint
+
+    write_epoch_checkpoint(tmp_path / "checkpoint_000000", epoch=1)
+    (tmp_path / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"")
+    registered = Checkpoint.from_directory(tmp_path / "checkpoint_000000")
+    with pytest.raises(CheckpointCorruptError, match="no readable checkpoint among 1"):
+        newest_readable_state(registered)

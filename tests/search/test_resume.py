@@ -1,0 +1,75 @@
+"""Resuming a sweep: the data are rebuilt identically, or refused; a broken dir is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrtune.search.cli import EXIT_BAD_INPUT, main
+from cxrtune.search.config import SweepConfig, load_sweep_config
+from cxrtune.search.sweep import prepare_data, prepare_resumed_data, write_experiment_files
+from cxrtune.trainables.data import DataError
+
+
+@pytest.fixture
+def started_sweep(tmp_path: Path) -> tuple[SweepConfig, Path]:
+    """The files a sweep writes into its experiment dir before any trial runs."""
+    config = load_sweep_config(
+        None, ["image_size=32", "synthetic.n=240", "synthetic.size=32", f"storage_path={tmp_path}"]
+    )
+    directory = tmp_path / "started"
+    write_experiment_files(directory, config, prepare_data(config))
+    return config, directory
+
+
+def test_resumed_trials_get_the_same_train_and_val_arrays(
+    started_sweep: tuple[SweepConfig, Path],
+) -> None:
+    config, directory = started_sweep
+    original = prepare_data(config).trial_data()
+    resumed = prepare_resumed_data(config, directory).trial_data()
+    for name in ("train_images", "train_labels", "val_images", "val_labels"):
+        assert np.array_equal(getattr(resumed, name), getattr(original, name)), name
+    assert resumed.class_names == original.class_names
+    assert resumed.positive_index == original.positive_index
+
+
+def test_an_image_whose_content_changed_is_refused(started_sweep: tuple[SweepConfig, Path]) -> None:
+    config, directory = started_sweep
+    splits = pd.read_csv(directory / "splits.csv", keep_default_na=False)
+    splits.loc[3, "content_hash"] = "0" * 64
+    splits.to_csv(directory / "splits.csv", index=False)
+    with pytest.raises(DataError, match=r"1 image.* changed since the sweep started"):
+        prepare_resumed_data(config, directory)
+
+
+def test_an_image_that_is_gone_is_refused(started_sweep: tuple[SweepConfig, Path]) -> None:
+    config, directory = started_sweep
+    splits = pd.read_csv(directory / "splits.csv", keep_default_na=False)
+    splits.loc[0, "path"] = "COVID/not-there.png"
+    splits.to_csv(directory / "splits.csv", index=False)
+    with pytest.raises(DataError, match="no longer has"):
+        prepare_resumed_data(config, directory)
+
+
+def test_resuming_a_dir_without_ray_state_exits_2_naming_the_file(
+    started_sweep: tuple[SweepConfig, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, directory = started_sweep
+    assert main(["resume", str(directory)]) == EXIT_BAD_INPUT
+    assert "tuner.pkl is missing" in capsys.readouterr().err
+    assert main(["resume", str(directory / "elsewhere")]) == EXIT_BAD_INPUT
+    assert "experiment dir not found" in capsys.readouterr().err
+
+
+def test_resuming_a_dir_whose_journal_holds_no_study_exits_2(
+    started_sweep: tuple[SweepConfig, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, directory = started_sweep
+    for name in ("tuner.pkl", "optuna_study.journal", "experiment_state-2026-01-05_10-00-00.json"):
+        (directory / name).write_text("")
+    assert main(["resume", str(directory)]) == EXIT_BAD_INPUT
+    assert "holds no study 'cxrtune'" in capsys.readouterr().err

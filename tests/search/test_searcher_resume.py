@@ -1,0 +1,58 @@
+"""The searcher restored after its driver died agrees with the Optuna journal."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
+from cxrtune.search.config import load_sweep_config
+from cxrtune.search.tuner import RAY_TRIAL_ID_ATTR, build_searcher, journal_storage
+
+RESULT = {"val_covid_recall": 0.5, "val_macro_auc": 0.75}
+
+
+def journal_trials(journal: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=OPTUNA_STUDY_NAME, storage=journal_storage(journal))
+    return study.get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_a_restored_searcher_reuses_trials_asked_after_the_snapshot_and_tells_none_twice(
+    tmp_path: Path, sampler: str
+) -> None:
+    config = load_sweep_config(
+        None, ["families=[baseline_cnn, regularized_cnn]", "space=quick", f"sampler={sampler}"]
+    )
+    journal = tmp_path / OPTUNA_JOURNAL
+    searcher = build_searcher(config, "none", journal)
+    as_started = pickle.dumps(searcher)  # what Ray keeps in tuner.pkl
+    searcher.suggest("ray-a")
+    searcher.suggest("ray-b")
+    snapshot = tmp_path / "searcher-state.pkl"
+    searcher.save(str(snapshot))  # Ray's last snapshot before the driver dies
+    orphan = searcher.suggest("ray-c")  # asked for, then the driver died before a snapshot
+    searcher.on_trial_complete("ray-a", result=RESULT)  # told after the snapshot
+
+    restored = pickle.loads(as_started)
+    restored.restore(str(snapshot))
+    # Ray resumes ray-a from its checkpoint and completes it again; ray-c is unknown to it.
+    restored.on_trial_complete("ray-a", result={**RESULT, "val_macro_auc": 0.9})
+    assert restored.suggest("ray-d") == orphan
+    restored.on_trial_complete("ray-b", result=RESULT)
+    restored.on_trial_complete("ray-d", result=RESULT)
+    fresh = restored.suggest("ray-e")
+
+    trials = journal_trials(journal)
+    assert [trial.user_attrs[RAY_TRIAL_ID_ATTR] for trial in trials] == [
+        "ray-a",
+        "ray-b",
+        "ray-d",
+        "ray-e",
+    ]
+    assert trials[0].values == [0.5, 0.75]  # told once, before the driver died
+    assert [trial.state.name for trial in trials] == ["COMPLETE"] * 3 + ["RUNNING"]
+    assert fresh is not None and fresh != orphan
