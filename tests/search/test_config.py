@@ -103,3 +103,26 @@ def test_the_written_config_reads_back_identical(tmp_path: Path) -> None:
     config = load_sweep_config(None, ["num_samples=3", "resources.vgg16.gpus=1"])
     write_sweep_config(config, tmp_path / "resolved.yaml")
     assert load_sweep_config(tmp_path / "resolved.yaml") == config
+
+
+def test_a_trial_on_several_gpus_is_declared_as_data_parallel_workers() -> None:
+    config = load_sweep_config(None, ["resources.vgg16={cpus: 4, gpus: 1, workers: 2}"])
+    assert config.resources["vgg16"] == FamilyResources(cpus=4.0, gpus=1.0, workers=2)
+    assert config.resources["baseline_cnn"].workers == 1
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ("{gpus: 2}", r"resources\.vgg16: gpus is per worker.*set workers: 2 and gpus: 1"),
+        ("{gpus: 0.5, workers: 2}", r"resources\.vgg16: data-parallel workers .* whole GPU"),
+        ("{workers: 0}", r"resources\.vgg16: workers must be at least 1"),
+        ("{workers: 1.5}", r"resources\.vgg16\.workers: expected int"),
+        ("{cpus: 0}", r"resources\.vgg16: cpus must be > 0"),
+    ],
+)
+def test_resources_a_trial_cannot_use_are_errors_saying_what_to_write(
+    resources: str, message: str
+) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(None, [f"resources.vgg16={resources}"])
