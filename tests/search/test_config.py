@@ -29,9 +29,20 @@ def test_no_file_gives_the_documented_defaults() -> None:
     assert set(config.resources) == {"baseline_cnn", "regularized_cnn", "vgg16"}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").iterdir()), ids=lambda p: p.name)
 def test_every_shipped_sweep_file_is_valid(path: Path) -> None:
+    assert path.suffix == ".yaml", f"{path.name}: sweep files end in .yaml"
     load_sweep_config(path)
+
+
+def test_the_gpu_sweep_file_is_the_real_radiography_case_on_shared_gpus() -> None:
+    config = load_sweep_config(REPO / "sweeps" / "radiography-gpu.yaml")
+    assert config.layout == "radiography" and config.data is not None
+    assert config.image_size == 224 and config.weights == "imagenet"
+    assert config.space == "default" and config.num_samples >= 100
+    assert config.resources["baseline_cnn"].gpus == config.resources["regularized_cnn"].gpus == 0.25
+    assert config.resources["vgg16"] == FamilyResources(cpus=2.0, gpus=1.0, workers=1)
+    assert config.max_failures >= 1 and config.grace_period < config.max_epochs
 
 
 def test_an_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
