@@ -4,16 +4,17 @@ A family whose sweep resources ask for ``workers: N`` (N > 1) trains each trial
 on N processes, each holding ``cpus`` and ``gpus``, with gradients averaged
 across them (PyTorch DDP; NCCL on GPUs, gloo on CPUs). This follows Ray Train
 V2's way of running Train inside Tune (the Ray docs' "Hyperparameter Tuning with
-Ray Tune" guide): the Tune trial function is the driver of a ``TorchTrainer``
-run named after the trial, and the workers train.
+Ray Tune" guide): the Tune trial drives a ``TorchTrainer`` run whose folder is
+inside the trial's, and the workers train.
 
 What the rest of cxrtune sees does not change: the trial reports the same
 metric keys once per epoch, each with a checkpoint in the trial folder. Ray's
 ``TuneReportCallback`` forwards metrics only (the checkpoint stays in Train's
-run folder), so ``ReportToTune`` forwards the checkpoint too and the driver
+run folder), so ``ReportToTune`` forwards the checkpoint too and the trial
 reports both with ``tune.report``; ASHA, Optuna, the leaderboard and resuming
 then work as for any trial. Tune's checkpoint is the only one a trial resumes
-from.
+from. ``TrainRunHost`` keeps the run out of reach of the trial's end, so that a
+trial Tune stops still gets its workers shut down by Ray Train.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from cxrtune.trainables.models import create_model
 from cxrtune.trainables.trainable import (
     TrialData,
     WorkerResources,
-    _on_device,
     build_optimizer,
     epoch_metrics,
+    on_device,
     restore,
     save_epoch_checkpoint,
 )
@@ -288,9 +289,9 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     scaler = grad_scaler(device, precision)
     batch_size = math.ceil(trial.batch_size / world_size)
 
-    train_images, train_labels = _on_device(data.train_images, data.train_labels, device)
+    train_images, train_labels = on_device(data.train_images, data.train_labels, device)
     if rank == 0:
-        val_images, val_labels = _on_device(data.val_images, data.val_labels, device)
+        val_images, val_labels = on_device(data.val_images, data.val_labels, device)
     class_weights = loss_class_weights(data.train_labels, len(data.class_names), trial.imbalance)
     for epoch in range(completed_epochs + 1, trial.max_epochs + 1):
         started = time.perf_counter()

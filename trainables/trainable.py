@@ -128,8 +128,8 @@ def train_on_one_device(
     precision = choose_precision(device)
     scaler = grad_scaler(device, precision)
 
-    train_images, train_labels = _on_device(data.train_images, data.train_labels, device)
-    val_images, val_labels = _on_device(data.val_images, data.val_labels, device)
+    train_images, train_labels = on_device(data.train_images, data.train_labels, device)
+    val_images, val_labels = on_device(data.val_images, data.val_labels, device)
     class_weights = loss_class_weights(data.train_labels, len(data.class_names), trial.imbalance)
     for epoch in range(completed_epochs + 1, trial.max_epochs + 1):
         started = time.perf_counter()
@@ -230,14 +230,16 @@ def build_optimizer(config: TrialConfig, model: torch.nn.Module) -> torch.optim.
     raise ValueError(f"unknown optimizer {config.optimizer!r}; known: adam, adamw")
 
 
-def _on_device(
+def on_device(
     images: np.ndarray, labels: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Called once per trial: the whole split moves to the trial's device here and
-    # every batch is cut from it there. Arrays from Ray's object store are
-    # read-only views of shared memory; torch warns about that, but nothing here
-    # writes to them, and copying would defeat the sharing (on a GPU, ``.to``
-    # copies anyway).
+    """A split's images and labels as tensors on ``device``; called once per trial.
+
+    Every batch is then cut from them there, with no copy from the host per step.
+    """
+    # Arrays from Ray's object store are read-only views of shared memory; torch
+    # warns about that, but nothing here writes to them, and copying would defeat
+    # the sharing (on a GPU, ``.to`` copies anyway).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         image_tensor = torch.from_numpy(images)
