@@ -47,13 +47,19 @@ def choose_precision(
     needed. An older GPU (T4, V100) gets fp16 autocast with a ``GradScaler``:
     its tensor cores make it 2-3x faster than fp32 there, and the scaler keeps
     small gradients from vanishing. A CPU stays in fp32, because most CPUs have
-    no fast low-precision kernels. ``bf16_supported`` defaults to
-    ``torch.cuda.is_bf16_supported``.
+    no fast low-precision kernels. ``bf16_supported`` defaults to asking torch
+    whether the GPU has bf16 in hardware.
     """
     if device.type != "cuda":
         return "fp32"
-    supported = bf16_supported or torch.cuda.is_bf16_supported
+    supported = bf16_supported or _has_hardware_bf16
     return "bf16" if supported() else "fp16"
+
+
+def _has_hardware_bf16() -> bool:
+    # By default torch also answers yes for GPUs that only emulate bf16 (T4,
+    # V100), where it is slower than fp16 and even than fp32.
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[None]:
