@@ -41,6 +41,7 @@ def ray_with_one_gpu() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # a new instance, never one already running here
         num_cpus=4,
         num_gpus=1,
         include_dashboard=False,

@@ -106,7 +106,12 @@ def local_ray() -> Iterator[None]:
 
     # The trial's driver plus two one-CPU workers; Ray counts CPUs, it does not
     # need that many cores.
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",  # a new instance, never one already running here
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+    )
     yield
     ray.shutdown()
 
@@ -218,4 +223,76 @@ def test_a_two_worker_trial_that_tune_stops_early_shuts_its_workers_down(
     assert result.metrics is not None and result.metrics["epoch"] == 1
     assert result.checkpoint is not None
     assert read_checkpoint(Path(result.checkpoint.path))["epoch"] == 1
+    assert_workers_released()
+
+
+class KillAWorkerAfterTheFirstEpoch:
+    """Kills one Ray Train worker of this Ray instance once, as losing its node would."""
+
+    def __init__(self) -> None:
+        self.killed_pid: int | None = None
+
+    def __call__(self, result: dict[str, object]) -> None:
+        import signal
+
+        import ray._private.state
+
+        if self.killed_pid is not None or result["epoch"] != 1:
+            return
+        workers = [
+            actor["Pid"]
+            for actor in ray._private.state.actors().values()
+            if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"
+        ]
+        assert workers, "no live Ray Train worker to kill"
+        self.killed_pid = int(workers[0])
+        os.kill(self.killed_pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_that_loses_a_worker_resumes_from_its_last_checkpoint(
+    local_ray: None, tmp_path: Path
+) -> None:
+    from ray import tune
+
+    from cxrtune.search.tuner import FamilyResourcesFn
+    from cxrtune.trainables.trainable import WorkerResources, train_trial
+
+    kill = KillAWorkerAfterTheFirstEpoch()
+
+    class OnResult(tune.Callback):
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: object, result: dict, **info: object
+        ) -> None:  # type: ignore[override]
+            kill(result)
+
+    trainable = tune.with_parameters(
+        train_trial,
+        data=tiny_data(),
+        data_parallel={"baseline_cnn": WorkerResources(workers=2, cpus=1.0, gpus=0.0)},
+    )
+    config = {"family": "baseline_cnn", "lr": 1e-3, "batch_size": 8, "imbalance": "none"}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, FamilyResourcesFn((("baseline_cnn", 1.0, 0.0, 2),))),
+        param_space={**config, "max_epochs": 3},
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path),
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[OnResult()],
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    assert kill.killed_pid is not None
+    assert not results.errors, results.errors
+    (result,) = list(results)
+    assert result.path is not None
+    trial_dir = Path(result.path)
+    epochs = [
+        json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()
+    ]
+    # Epoch 2 of the first attempt died with the worker; the retry went on from
+    # epoch 1's checkpoint instead of starting again.
+    assert epochs == [1, 2, 3]
+    assert read_checkpoint(Path(result.checkpoint.path))["epoch"] == 3  # type: ignore[union-attr]
     assert_workers_released()
