@@ -51,6 +51,7 @@ from cxrtune.trainables.trainable import (
     on_device,
     restore,
     save_epoch_checkpoint,
+    wait_for_device_memory,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ def train_data_parallel(
             "data": ray.put(data),
             "state": ray.put(state) if state is not None else None,
             "threads": max(1, int(resources.cpus)),
+            "gpus": resources.gpus,
         },
         "scaling_config": train.ScalingConfig(
             num_workers=resources.workers,
@@ -278,6 +280,8 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     state = ray.get(loop_config["state"]) if loop_config["state"] is not None else None
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads"])
+    if device.type == "cuda":
+        wait_for_device_memory(loop_config["gpus"], lambda: torch.cuda.mem_get_info(device))
 
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)  # the epoch order, shared
