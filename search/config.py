@@ -8,6 +8,7 @@ default. ``--set key=value`` overrides use the same validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,10 +38,28 @@ class SweepConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FamilyResources:
-    """What one trial of a family reserves."""
+    """What one trial of a family reserves: ``workers`` processes, each ``cpus`` and ``gpus``."""
 
-    cpus: float = 1.0  # CPU cores; torch uses this many threads
-    gpus: float = 0.0  # fractions share a GPU, e.g. 0.25 runs four trials on one
+    cpus: float = 1.0  # CPU cores per worker; torch uses this many threads
+    gpus: float = 0.0  # per worker, at most 1; fractions share a GPU (0.25: four trials on one)
+    workers: int = 1  # more than 1: the trial trains data-parallel on this many workers
+
+    def problem(self) -> str | None:
+        """What is wrong with these resources, or ``None``."""
+        if self.cpus <= 0 or self.gpus < 0:
+            return "cpus must be > 0 and gpus >= 0"
+        if self.workers < 1:
+            return f"workers must be at least 1, got {self.workers}"
+        if self.gpus > 1:
+            # One worker process trains on one device; more GPUs mean more workers.
+            return (
+                f"gpus is per worker and at most 1, got {self.gpus:g}; to train a trial "
+                f"on {self.gpus:g} GPUs, set workers: {math.ceil(self.gpus)} and gpus: 1"
+            )
+        if self.workers > 1 and 0 < self.gpus < 1:
+            # NCCL cannot run two ranks of one job on the same GPU.
+            return "data-parallel workers (workers > 1) need a whole GPU each: gpus 0 or 1"
+        return None
 
 
 @dataclass(frozen=True)
@@ -117,8 +136,8 @@ class SweepConfig:
             merged = {**_default_resources(), **self.resources}
             object.__setattr__(self, "resources", merged)
         for family, resources in self.resources.items():
-            if resources.cpus <= 0 or resources.gpus < 0:
-                raise SweepConfigError(f"resources.{family}: cpus must be > 0 and gpus >= 0")
+            if problem := resources.problem():
+                raise SweepConfigError(f"resources.{family}: {problem}")
         for metric in [self.scheduler_metric, *self.objectives]:
             if metric not in SEARCHABLE_METRICS:
                 raise SweepConfigError(

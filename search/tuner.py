@@ -26,7 +26,7 @@ from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, 
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.spaces import get_space
-from cxrtune.trainables.trainable import TrialData, train_trial
+from cxrtune.trainables.trainable import TrialData, WorkerResources, train_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -65,17 +65,39 @@ class TrialSpace:
         return {**held, **dict(self.fixed), "weights": self.vgg16_weights if is_vgg16 else "none"}
 
 
+# What the Tune trial of a data-parallel family reserves for itself: it only
+# starts the Ray Train run, waits, and copies each checkpoint into the trial
+# folder. Ray Train reserves the workers' resources in a placement group of its own.
+DATA_PARALLEL_DRIVER = {"CPU": 0.25}
+
+
 @dataclass(frozen=True)
 class FamilyResourcesFn:
-    """Per-trial resource request, looked up by the trial's family."""
+    """Per-trial resource request, looked up by the trial's family.
 
-    resources: tuple[tuple[str, float, float], ...]  # (family, cpus, gpus)
+    A single-worker trial trains in the Tune trial's own bundle (a GPU fraction
+    lets several trials share one GPU). A data-parallel trial's bundle holds only
+    its driver, ``DATA_PARALLEL_DRIVER``.
+    """
+
+    resources: tuple[tuple[str, float, float, int], ...]  # (family, cpus, gpus, workers)
 
     def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
-        for family, cpus, gpus in self.resources:
+        for family, cpus, gpus, workers in self.resources:
             if family == config["family"]:
+                if workers > 1:
+                    return PlacementGroupFactory([dict(DATA_PARALLEL_DRIVER)])
                 return PlacementGroupFactory([{"CPU": cpus, "GPU": gpus}])
         raise ValueError(f"no resources configured for family {config['family']!r}")
+
+
+def data_parallel_resources(config: SweepConfig) -> dict[str, WorkerResources]:
+    """The families that train data-parallel, with what each of their workers holds."""
+    return {
+        family: WorkerResources(workers=r.workers, cpus=r.cpus, gpus=r.gpus)
+        for family, r in config.resources.items()
+        if r.workers > 1
+    }
 
 
 def trial_dirname(trial: Any) -> str:
@@ -290,11 +312,18 @@ class JournalUpload(tune.Callback):
 
 
 def build_trainable(config: SweepConfig, data: TrialData) -> Any:
-    """``train_trial`` with the data in the object store and each family's resources."""
+    """``train_trial`` with the data in the object store and each family's resources.
+
+    Families with several ``workers`` get their workers' resources bound too: their
+    trials run data-parallel under Ray Train.
+    """
     resources = FamilyResourcesFn(
-        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
+        tuple((family, r.cpus, r.gpus, r.workers) for family, r in config.resources.items())
     )
-    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+    return tune.with_resources(
+        tune.with_parameters(train_trial, data=data, data_parallel=data_parallel_resources(config)),
+        resources,
+    )
 
 
 def build_tuner(
@@ -349,6 +378,9 @@ def build_tuner(
             num_samples=config.num_samples,
             max_concurrent_trials=config.max_concurrent_trials or None,
             trial_dirname_creator=trial_dirname,
+            # A reused actor would carry the last trial's CUDA context and cached
+            # memory into the next; a fresh process per trial starts clean.
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=experiment_name,

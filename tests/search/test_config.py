@@ -29,9 +29,20 @@ def test_no_file_gives_the_documented_defaults() -> None:
     assert set(config.resources) == {"baseline_cnn", "regularized_cnn", "vgg16"}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").iterdir()), ids=lambda p: p.name)
 def test_every_shipped_sweep_file_is_valid(path: Path) -> None:
+    assert path.suffix == ".yaml", f"{path.name}: sweep files end in .yaml"
     load_sweep_config(path)
+
+
+def test_the_gpu_sweep_file_is_the_real_radiography_case_on_shared_gpus() -> None:
+    config = load_sweep_config(REPO / "sweeps" / "radiography-gpu.yaml")
+    assert config.layout == "radiography" and config.data is not None
+    assert config.image_size == 224 and config.weights == "imagenet"
+    assert config.space == "default" and config.num_samples >= 100
+    assert config.resources["baseline_cnn"].gpus == config.resources["regularized_cnn"].gpus == 0.25
+    assert config.resources["vgg16"] == FamilyResources(cpus=2.0, gpus=1.0, workers=1)
+    assert config.max_failures >= 1 and config.grace_period < config.max_epochs
 
 
 def test_an_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -103,3 +114,26 @@ def test_the_written_config_reads_back_identical(tmp_path: Path) -> None:
     config = load_sweep_config(None, ["num_samples=3", "resources.vgg16.gpus=1"])
     write_sweep_config(config, tmp_path / "resolved.yaml")
     assert load_sweep_config(tmp_path / "resolved.yaml") == config
+
+
+def test_a_trial_on_several_gpus_is_declared_as_data_parallel_workers() -> None:
+    config = load_sweep_config(None, ["resources.vgg16={cpus: 4, gpus: 1, workers: 2}"])
+    assert config.resources["vgg16"] == FamilyResources(cpus=4.0, gpus=1.0, workers=2)
+    assert config.resources["baseline_cnn"].workers == 1
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ("{gpus: 2}", r"resources\.vgg16: gpus is per worker.*set workers: 2 and gpus: 1"),
+        ("{gpus: 0.5, workers: 2}", r"resources\.vgg16: data-parallel workers .* whole GPU"),
+        ("{workers: 0}", r"resources\.vgg16: workers must be at least 1"),
+        ("{workers: 1.5}", r"resources\.vgg16\.workers: expected int"),
+        ("{cpus: 0}", r"resources\.vgg16: cpus must be > 0"),
+    ],
+)
+def test_resources_a_trial_cannot_use_are_errors_saying_what_to_write(
+    resources: str, message: str
+) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        load_sweep_config(None, [f"resources.vgg16={resources}"])

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cxrtune.search.config import load_sweep_config
+from cxrtune.search.tuner import (
+    DATA_PARALLEL_DRIVER,
+    FamilyResourcesFn,
+    data_parallel_resources,
+)
+from cxrtune.trainables.trainable import WorkerResources
+
+
+def test_each_family_gets_its_own_bundle_and_a_data_parallel_one_only_its_driver() -> None:
+    config = load_sweep_config(
+        None,
+        [
+            "resources.baseline_cnn={cpus: 2, gpus: 0.25}",
+            "resources.vgg16={cpus: 4, gpus: 1, workers: 2}",
+        ],
+    )
+    resources = FamilyResourcesFn(
+        tuple((family, r.cpus, r.gpus, r.workers) for family, r in config.resources.items())
+    )
+    assert resources({"family": "baseline_cnn"}).bundles == [{"CPU": 2.0, "GPU": 0.25}]
+    assert resources({"family": "vgg16"}).bundles == [DATA_PARALLEL_DRIVER]
+    assert data_parallel_resources(config) == {
+        "vgg16": WorkerResources(workers=2, cpus=4.0, gpus=1.0)
+    }
+    with pytest.raises(ValueError, match="resnet"):
+        resources({"family": "resnet"})
+
+
+@pytest.fixture
+def ray_with_one_gpu() -> Iterator[None]:
+    """A local Ray that declares one GPU (none is needed to place trials on it)."""
+    import ray
+
+    ray.init(
+        address="local",  # a new instance, never one already running here
+        num_cpus=4,
+        num_gpus=1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def report_placement(config: dict[str, Any]) -> None:
+    """Report the GPU share and ids Ray gave this trial, once all four trials are running."""
+    import time
+
+    import ray
+    from ray import tune
+
+    # A barrier: each trial leaves a file and waits for the other three. Trials
+    # that could not share the GPU would never all be running, and time out.
+    rendezvous = Path(config["rendezvous"])
+    (rendezvous / str(config["index"])).touch()
+    deadline = time.monotonic() + 300
+    while len(list(rendezvous.iterdir())) < 4:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the four trials never ran at the same time")
+        time.sleep(0.2)
+    tune.report(
+        {
+            "gpu_share": ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0),
+            "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
+        }
+    )
+
+
+@pytest.mark.slow
+def test_four_quarter_gpu_trials_share_one_gpu_at_the_same_time(
+    ray_with_one_gpu: None, tmp_path: Path
+) -> None:
+    from ray import tune
+
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    resources = FamilyResourcesFn((("baseline_cnn", 1.0, 0.25, 1),))
+    tuner = tune.Tuner(
+        tune.with_resources(report_placement, resources),
+        param_space={
+            "family": "baseline_cnn",
+            "rendezvous": str(rendezvous),
+            "index": tune.grid_search([0, 1, 2, 3]),
+        },
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors
+    table = results.get_dataframe()
+    assert len(table) == 4
+    assert set(table["gpu_share"]) == {0.25}
+    assert set(table["gpu_ids"]) == {"0"}
