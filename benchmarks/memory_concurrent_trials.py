@@ -214,7 +214,7 @@ def measure_case(
             tune.with_parameters(
                 touch_then_train, data=data, train_count=train_count, val_count=val_count
             ),
-            FamilyResourcesFn(((TRIAL["family"], 1.0, 0.0),)),
+            FamilyResourcesFn(((TRIAL["family"], 1.0, 0.0, 1),)),
         )
         del data  # in the object store now; the driver keeps no copy of its own
         with MemorySampler() as idle:

@@ -143,9 +143,7 @@ def run_search(
     else:
         raise ValueError(f"unknown search {kind!r}; known: cxrtune, random")
 
-    resources = FamilyResourcesFn(
-        tuple((family, r.cpus, r.gpus) for family, r in config.resources.items())
-    )
+    resources = FamilyResourcesFn.for_sweep(config)
     timeline = Timeline()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_trial, data=data), resources),

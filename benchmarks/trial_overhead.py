@@ -181,7 +181,7 @@ def trial_overhead(settings: Settings) -> BenchmarkResult:
                 {**SHARED_SETTINGS, **family_settings, "family": family, "max_epochs": epochs}
             )
             # Built once, so the data go to the object store before any timing starts.
-            resources = FamilyResourcesFn(((family, 1.0, 0.0),))
+            resources = FamilyResourcesFn(((family, 1.0, 0.0, 1),))
             trainable = tune.with_resources(
                 tune.with_parameters(timed_train_trial, data=data), resources
             )

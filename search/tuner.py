@@ -82,6 +82,13 @@ class FamilyResourcesFn:
 
     resources: tuple[tuple[str, float, float, int], ...]  # (family, cpus, gpus, workers)
 
+    @classmethod
+    def for_sweep(cls, config: SweepConfig) -> FamilyResourcesFn:
+        """The sweep file's ``resources``, family by family."""
+        return cls(
+            tuple((family, r.cpus, r.gpus, r.workers) for family, r in config.resources.items())
+        )
+
     def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
         for family, cpus, gpus, workers in self.resources:
             if family == config["family"]:
@@ -317,9 +324,7 @@ def build_trainable(config: SweepConfig, data: TrialData) -> Any:
     Families with several ``workers`` get their workers' resources bound too: their
     trials run data-parallel under Ray Train.
     """
-    resources = FamilyResourcesFn(
-        tuple((family, r.cpus, r.gpus, r.workers) for family, r in config.resources.items())
-    )
+    resources = FamilyResourcesFn.for_sweep(config)
     return tune.with_resources(
         tune.with_parameters(train_trial, data=data, data_parallel=data_parallel_resources(config)),
         resources,
