@@ -44,9 +44,10 @@ ERROR_FILE = "error.txt"
 # The sweep's Optuna study, as an Optuna journal file: `optuna-dashboard <file>` shows it.
 OPTUNA_JOURNAL = "optuna_study.journal"
 OPTUNA_STUDY_NAME = "cxrtune"
+# A trial's val and test predictions, cached by the leaderboard so it evaluates once.
+EVALUATION_FILE = "evaluation.json"
 # What the analysis reads of a remote experiment dir besides each trial's chosen
 # checkpoint: cxrtune's own files at the top and the small files of each trial folder.
-# The leaderboard's evaluation.json (EVALUATION_FILE there) spares evaluating again.
 MIRRORED_TOP_LEVEL_FILES = (
     SWEEP_FILE,
     DATASET_FILE,
@@ -57,7 +58,7 @@ MIRRORED_TOP_LEVEL_FILES = (
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
 )
-MIRRORED_TRIAL_FILES = (PARAMS_FILE, RESULTS_FILE, ERROR_FILE, "evaluation.json")
+MIRRORED_TRIAL_FILES = (PARAMS_FILE, RESULTS_FILE, ERROR_FILE, EVALUATION_FILE)
 
 
 class ExperimentError(ValueError):

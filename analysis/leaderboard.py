@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cxrtune.analysis.experiment import (
+    EVALUATION_FILE,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
     SPLITS_FILE,
@@ -54,7 +55,6 @@ from cxrtune.analysis.statistics import (
 )
 from cxrtune.trainables.metrics import classification_metrics
 
-EVALUATION_FILE = "evaluation.json"
 DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
 DEFAULT_BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95

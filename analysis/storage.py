@@ -79,9 +79,13 @@ def joined(location: str | Path, relative_path: str) -> str:
     """
     if not is_remote(location):
         return str(Path(location) / relative_path)
-    parts = urlsplit(str(location))
-    path = posixpath.join(parts.path or "/", relative_path)
-    return redacted(urlunsplit(parts._replace(path=path)))
+    return redacted(_join_uri(str(location), relative_path))
+
+
+def _join_uri(uri: str, relative_path: str) -> str:
+    """``relative_path`` under the folder ``uri``, before its query."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", relative_path)))
 
 
 def remote_cache_dir(uri: str) -> Path:
@@ -148,9 +152,9 @@ class RemoteDir:
 
     def child(self, name: str) -> RemoteDir:
         """The folder ``name`` inside this one; the URI keeps its query."""
-        parts = urlsplit(self.uri)
-        uri = urlunsplit(parts._replace(path=posixpath.join(parts.path or "/", name)))
-        return RemoteDir(uri=uri, filesystem=self.filesystem, path=f"{self.path}/{name}")
+        return RemoteDir(
+            uri=_join_uri(self.uri, name), filesystem=self.filesystem, path=f"{self.path}/{name}"
+        )
 
     @contextmanager
     def _reporting(self, action: str) -> Iterator[None]:

@@ -325,7 +325,6 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     from ray import tune
 
     from cxrtune.analysis.experiment import ExperimentError
-    from cxrtune.analysis.storage import is_remote, redacted
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.tuner import build_trainable
 
@@ -447,8 +446,6 @@ def set_aside_unrecorded_trials(directory: Path, recorded: set[str]) -> None:
     snapshot and the driver's death; its Optuna trial is handed to a new Ray
     trial, which starts again from its first epoch with the same parameters.
     """
-    import shutil
-
     from cxrtune.spaces import FAMILIES
 
     for folder in sorted(directory.iterdir()):

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pickle
 import posixpath
 import re
 import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,33 +75,27 @@ def save_checkpoint(
         "image_size": image_size,
         "metrics": dict(metrics),
     }
-    _write_atomically(path, lambda partial: torch.save(state, partial))
-    digest = _sha256(path)
-    _write_atomically(
-        directory / CHECKSUM_FILE,
-        lambda partial: partial.write_text(f"{digest}  {CHECKPOINT_FILE}\n"),
-    )
+    # Serialised in memory first, so the checksum costs no second read of the file.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    content = buffer.getvalue()
+    _write_atomically(path, content)
+    digest = hashlib.sha256(content).hexdigest()
+    _write_atomically(directory / CHECKSUM_FILE, f"{digest}  {CHECKPOINT_FILE}\n".encode())
     return path
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(partial)`` on a temporary file beside ``path``, flush it, rename it."""
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to a temporary file beside ``path``, flush it, rename it."""
     partial = path.with_name(f".{path.name}.partial")
     try:
-        write(partial)
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
+        with open(partial, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -116,16 +110,19 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointCorruptError(f"checkpoint file {path} is missing")
+    content = path.read_bytes()
     checksum = path.with_name(CHECKSUM_FILE)
     if checksum.is_file():
         recorded = checksum.read_text().split()
-        if not recorded or _sha256(path) != recorded[0]:
+        if not recorded or hashlib.sha256(content).hexdigest() != recorded[0]:
             raise CheckpointCorruptError(
                 f"checkpoint file {path} does not match its checksum in {checksum.name} "
                 "(cut short or damaged)"
             )
     try:
-        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+        state: dict[str, Any] = torch.load(
+            io.BytesIO(content), map_location=device, weights_only=True
+        )
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointCorruptError(f"checkpoint file {path} cannot be read: {error}") from error
     return state

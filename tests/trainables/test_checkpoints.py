@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -85,13 +86,13 @@ def test_a_checkpoint_is_written_with_its_checksum_and_no_partial_file(tmp_path:
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write_epoch_checkpoint(tmp_path, epoch=1)
+    write_epoch_checkpoint(tmp_path, epoch=1)
 
-    def save_half_then_fail(state: object, destination: Path) -> None:
-        Path(destination).write_bytes(path.read_bytes()[:100])
+    def disk_full(descriptor: int) -> None:
+        # The new file's bytes are handed to the OS; flushing them to disk fails.
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_epoch_checkpoint(tmp_path, epoch=2)
     assert read_checkpoint(tmp_path)["epoch"] == 1
