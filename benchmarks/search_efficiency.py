@@ -83,11 +83,11 @@ def run_search(
     """
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from cxrtune.search.tuner import (
         FamilyResourcesFn,
+        build_scheduler,
         build_searcher,
         metric_mode,
         trial_dirname,
@@ -121,14 +121,7 @@ def run_search(
     mode = metric_mode(METRIC)
     if kind == "cxrtune":
         search_alg: Any = build_searcher(config, vgg16_weights="none")
-        scheduler: Any = ASHAScheduler(
-            time_attr="training_iteration",
-            metric=config.scheduler_metric,
-            mode=metric_mode(config.scheduler_metric),
-            max_t=config.max_epochs,
-            grace_period=config.grace_period,
-            reduction_factor=config.reduction_factor,
-        )
+        scheduler: Any = build_scheduler(config)
         num_samples = budget  # every trial runs at least one epoch: the budget ends it first
     elif kind == "random":
         space = trial_space(config, "none")

@@ -331,6 +331,18 @@ def build_trainable(config: SweepConfig, data: TrialData) -> Any:
     )
 
 
+def build_scheduler(config: SweepConfig) -> ASHAScheduler:
+    """ASHA on the sweep's scheduler metric, one rung step per epoch."""
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=config.scheduler_metric,
+        mode=metric_mode(config.scheduler_metric),
+        max_t=config.max_epochs,
+        grace_period=config.grace_period,
+        reduction_factor=config.reduction_factor,
+    )
+
+
 def build_tuner(
     config: SweepConfig,
     data: TrialData,
@@ -348,14 +360,7 @@ def build_tuner(
     the experiment (``driver_files_dir``), uploaded as the sweep goes.
     """
     trainable = build_trainable(config, data)
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        metric=config.scheduler_metric,
-        mode=metric_mode(config.scheduler_metric),
-        max_t=config.max_epochs,
-        grace_period=config.grace_period,
-        reduction_factor=config.reduction_factor,
-    )
+    scheduler = build_scheduler(config)
     # Ray adds a TensorBoard logger by default; naming it keeps the event files when
     # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set. It logs each metric as ray/tune/<key>.
     callbacks: list[tune.Callback] = [progress, TBXLoggerCallback()]
