@@ -20,6 +20,7 @@ from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import shard_for_rank, train_one_epoch
 from cxrtune.trainables.models import create_model
 from cxrtune.trainables.trainable import TrialData
+from tests.trainables.test_trainable import TRIAL_METRIC_KEYS
 
 SIZE = 16
 PER_WORKER_BATCH = 4
@@ -116,22 +117,6 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-SINGLE_PROCESS_KEYS = {
-    "epoch",
-    "epoch_time_s",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "val_covid_recall",
-    "val_covid_precision",
-    "val_macro_auc",
-    "val_auc_covid",
-    "val_auc_normal",
-    "val_auc_pneumonia",
-    "precision",
-}
-
-
 @pytest.mark.slow
 def test_a_two_worker_trial_reports_like_any_trial_with_a_checkpoint_per_epoch(
     local_ray: None, tmp_path: Path
@@ -165,7 +150,7 @@ def test_a_two_worker_trial_reports_like_any_trial_with_a_checkpoint_per_epoch(
     trial_dir = Path(result.path)
     reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     assert [row["epoch"] for row in reported] == [1, 2]
-    assert all(set(row) >= SINGLE_PROCESS_KEYS for row in reported)
+    assert all(set(row) >= TRIAL_METRIC_KEYS for row in reported)
     assert all(np.isfinite(row["train_loss"]) for row in reported)
     checkpoints = sorted(trial_dir.glob("checkpoint_*"))
     assert [read_checkpoint(path)["epoch"] for path in checkpoints] == [1, 2]
