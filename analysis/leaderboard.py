@@ -360,7 +360,7 @@ def _evaluate_chosen_checkpoints(
             try:
                 probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
             except CheckpointCorruptError as error:
-                unreadable[trial_id] = f"its chosen checkpoint cannot be used: {error}"
+                unreadable[trial_id] = str(error).splitlines()[0]
                 continue
             # Rounded before use, so a first build and any later one from the cache agree.
             predictions = {
