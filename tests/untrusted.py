@@ -40,7 +40,10 @@ def plant_pickles(experiment: Path, marker: Path) -> None:
         path.write_bytes(payload)
     experiment_states = list(experiment.glob("experiment_state-*.json"))
     for state in experiment_states:
-        state.write_text(HEX_PICKLE.sub(payload.hex(), state.read_text()))
+        text, replaced = HEX_PICKLE.subn(payload.hex(), state.read_text())
+        if not replaced:
+            raise ValueError(f"{state} holds no pickle in hex: has Ray changed its format?")
+        state.write_text(text)
     if not experiment_states:
         trial = {"storage": {"_type": "CLOUDPICKLE_FALLBACK", "value": payload.hex()}}
         state = {"trial_data": [[json.dumps(trial), "{}"]]}
