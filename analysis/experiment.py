@@ -104,6 +104,8 @@ class TrialRecord:
     config: dict[str, Any]
     results: pd.DataFrame  # one row per reported epoch, in order
     error: str | None  # the error text if the trial failed
+    # The checkpoint folders still in the trial folder (Ray deletes all but the kept ones).
+    checkpoints: frozenset[str] = frozenset()
 
     @property
     def family(self) -> str:
@@ -175,7 +177,12 @@ def read_trial(directory: Path) -> TrialRecord:
         family = str(config.get("family", ""))
         trial_id = directory.name.removesuffix(f"_{family}") if family else directory.name
     return TrialRecord(
-        trial_id=trial_id, directory=directory, config=config, results=results, error=error
+        trial_id=trial_id,
+        directory=directory,
+        config=config,
+        results=results,
+        error=error,
+        checkpoints=frozenset(path.parent.name for path in directory.glob("*/*") if path.is_file()),
     )
 
 
@@ -211,7 +218,7 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
     Only files missing locally or changed remotely are downloaded; local files the
     remote dir no longer has are deleted, so the mirror never shows a trial that is gone.
     """
-    from cxrtune.analysis.leaderboard import best_epoch_row
+    from cxrtune.analysis.leaderboard import CHECKPOINT_COLUMN, best_epoch_row
 
     remote_files = {remote.relative_path: remote for remote in experiment.files()}
     if not remote_files:
@@ -234,10 +241,15 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
     for record in read.trials:
         if record.error is not None:
             continue  # listed apart by the leaderboard, never evaluated or exported
-        best = best_epoch_row(record.results, metric, mode)
-        name = "" if best is None else str(best.get("checkpoint_dir_name") or "")
-        if name:
-            prefix = f"{record.directory.relative_to(mirror).as_posix()}/{name}/"
+        trial_dir = record.directory.relative_to(mirror).as_posix()
+        stored = {
+            parts[1]
+            for parts in (path.split("/") for path in remote_files)
+            if len(parts) > 2 and parts[0] == trial_dir
+        }
+        best = best_epoch_row(record.results, metric, mode, stored)
+        if best is not None:
+            prefix = f"{trial_dir}/{best[CHECKPOINT_COLUMN]}/"
             checkpoint_files += [
                 remote
                 for remote in remote_files.values()

@@ -47,7 +47,7 @@ from cxrtune.analysis.leaderboard import (
     build_leaderboard,
     ensemble_metrics,
 )
-from cxrtune.trainables.checkpoints import model_from_checkpoint
+from cxrtune.trainables.checkpoints import NOT_TENSORS, model_from_checkpoint
 from cxrtune.trainables.config import ConfigError, TrialConfig
 from cxrtune.trainables.engine import evaluate
 from cxrtune.trainables.models import GRAY_MEAN, GRAY_STD, create_model
@@ -370,6 +370,8 @@ def _load_member(
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as error:
+    except pickle.UnpicklingError as error:
+        raise ExportError(f"weights file {path} cannot be loaded: {NOT_TENSORS}") from error
+    except (RuntimeError, EOFError, ValueError, KeyError) as error:
         raise ExportError(f"weights file {path} cannot be loaded: {error}") from error
     return model.to(device).eval()

@@ -1,13 +1,16 @@
 """The leaderboard: rank on validation, report on test.
 
 For each trial the best-validation epoch (by the sweep's scheduler metric,
-among epochs whose checkpoint was kept) is chosen; its validation metrics rank
-the trial and its checkpoint is evaluated once on val and on the held-out test
-split. The predictions are cached in the trial folder as ``evaluation.json``
-(``checkpoint``, and ``labels`` and ``probabilities`` of ``val`` and ``test``);
-a different best checkpoint makes the cache stale. Every test column is
-computed from those saved predictions. Test numbers never feed back into the
-search, and the val predictions serve only to choose the threshold.
+among epochs whose checkpoint is still in the trial folder, the latest of ties)
+is chosen; its validation metrics rank the trial and its checkpoint is
+evaluated once on val and on the held-out test split. A trial none of whose
+checkpoints is left, or whose chosen checkpoint cannot be read, is listed apart
+with the reason, like a trial that errored. The predictions are cached in the
+trial folder as ``evaluation.json`` (``checkpoint``, and ``labels`` and
+``probabilities`` of ``val`` and ``test``); a different best checkpoint makes
+the cache stale. Every test column is computed from those saved predictions.
+Test numbers never feed back into the search, and the val predictions serve
+only to choose the threshold.
 
 The test columns, after the validation ones:
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,8 @@ COLUMNS = (
     "test_specificity_at_threshold",
 )
 TEST_COLUMNS = COLUMNS[COLUMNS.index("test_covid_recall") :]
+# The result.json key naming the checkpoint folder Ray wrote with each epoch.
+CHECKPOINT_COLUMN = "checkpoint_dir_name"
 
 
 @dataclass(frozen=True)
@@ -114,25 +119,41 @@ class Leaderboard:
     predictions: dict[str, dict[str, Predictions]] = field(default_factory=dict)
 
 
-def best_epoch_row(results: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The reported epoch with the best ``metric`` among those with a checkpoint on disk.
+def best_epoch_row(
+    results: pd.DataFrame, metric: str, mode: str, checkpoints: Collection[str]
+) -> pd.Series | None:
+    """The reported epoch with the best ``metric`` among those whose checkpoint still exists.
 
-    Earlier epochs win ties, so a plateau picks the cheaper model.
+    ``checkpoints`` names the checkpoint folders that still exist: ``result.json``
+    also names the ones Ray deleted beyond ``checkpoints_to_keep``. The latest of
+    tied epochs wins, as in Ray, which keeps the latest of equal scores.
     """
-    if results.empty or metric not in results:
+    if results.empty or metric not in results or CHECKPOINT_COLUMN not in results:
         return None
-    candidates = results
-    if "checkpoint_dir_name" in results:
-        candidates = results[results["checkpoint_dir_name"].notna()]
-    candidates = candidates[candidates[metric].notna()]
+    candidates = results[results[CHECKPOINT_COLUMN].isin(checkpoints) & results[metric].notna()]
     if candidates.empty:
         return None
-    position = (
-        candidates[metric].to_numpy().argmax()
-        if mode == "max"
-        else candidates[metric].to_numpy().argmin()
+    values = candidates[metric].to_numpy(dtype=float)
+    best = values.max() if mode == "max" else values.min()
+    return candidates[values == best].iloc[-1]
+
+
+def unranked_reason(record: TrialRecord, metric: str) -> str:
+    """Why ``best_epoch_row`` found no epoch of a trial that did not error."""
+    results = record.results
+    if results.empty:
+        return "reported no epoch"
+    if metric not in results or results[metric].isna().all():
+        return f"reported no {metric}"
+    named = []
+    if CHECKPOINT_COLUMN in results:
+        named = sorted(set(results[CHECKPOINT_COLUMN].dropna().astype(str)))
+    if not named:
+        return "reported no checkpoint"
+    return (
+        f"no checkpoint left: {', '.join(named)} "
+        f"{'is' if len(named) == 1 else 'are'} missing from {record.directory}"
     )
-    return candidates.iloc[int(position)]
 
 
 def trial_row(record: TrialRecord, best: pd.Series) -> dict[str, Any]:
@@ -157,32 +178,38 @@ def build_leaderboard(
     """Rank every trial that reported at least one epoch; list the others apart."""
     metric = str(experiment.sweep.get("scheduler_metric", "val_macro_auc"))
     mode = "min" if metric.endswith("loss") else "max"
+    records = {record.trial_id: record for record in experiment.trials}
     rows, failed = [], []
     chosen: dict[str, str] = {}
     for record in experiment.trials:
-        best = best_epoch_row(record.results, metric, mode)
+        best = best_epoch_row(record.results, metric, mode, record.checkpoints)
         if record.error is not None or best is None:
-            reason = record.error or "reported no epoch"
+            reason = record.error or unranked_reason(record, metric)
             failed.append({"trial_id": record.trial_id, "family": record.family, "error": reason})
             continue
         rows.append(trial_row(record, best))
-        chosen[record.trial_id] = str(best.get("checkpoint_dir_name", ""))
+        chosen[record.trial_id] = str(best[CHECKPOINT_COLUMN])
 
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     table[list(TEST_COLUMNS)] = math.nan
     predictions: dict[str, dict[str, Predictions]] = {}
     if evaluate_test and rows:
-        test, predictions = _evaluate_chosen_checkpoints(experiment, chosen, device)
+        test, predictions, unreadable = _evaluate_chosen_checkpoints(experiment, chosen, device)
+        for trial_id, reason in unreadable.items():
+            failed.append(
+                {"trial_id": trial_id, "family": records[trial_id].family, "error": reason}
+            )
+            del chosen[trial_id]
+        table = table[~table["trial_id"].isin(unreadable)].reset_index(drop=True)
         for column in TEST_COLUMNS:
             table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
     ranked = rank_trials(table, DEFAULT_OBJECTIVES).drop(columns="pareto_front")
-    directories = {record.trial_id: record.directory for record in experiment.trials}
     return Leaderboard(
         ranked=ranked[list(COLUMNS)],
         failed=pd.DataFrame(failed, columns=["trial_id", "family", "error"]),
         header=leaderboard_header(experiment),
         checkpoints={
-            trial_id: directories[trial_id] / name for trial_id, name in chosen.items() if name
+            trial_id: records[trial_id].directory / name for trial_id, name in chosen.items()
         },
         predictions=predictions,
     )
@@ -304,12 +331,14 @@ def ensemble_metrics(
 
 def _evaluate_chosen_checkpoints(
     experiment: Experiment, chosen: dict[str, str], device: str
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Predictions]]]:
-    """Test columns and predictions of each trial's chosen checkpoint.
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Predictions]], dict[str, str]]:
+    """Test columns and predictions of each trial's chosen checkpoint, and apart, by trial
+    id, why a checkpoint could not be read.
 
     Predictions are cached in the trial folder (``evaluation.json``).
     """
     from cxrtune.analysis.test_evaluation import EvaluationSet, evaluate_checkpoint
+    from cxrtune.trainables.checkpoints import CheckpointCorruptError
 
     info = experiment.dataset
     target_specificity = float(
@@ -319,18 +348,20 @@ def _evaluate_chosen_checkpoints(
     by_id = {record.trial_id: record for record in experiment.trials}
     results: dict[str, dict[str, float]] = {}
     all_predictions: dict[str, dict[str, Predictions]] = {}
+    unreadable: dict[str, str] = {}
     evaluation_set: EvaluationSet | None = None
     for trial_id, checkpoint_name in chosen.items():
         cache = by_id[trial_id].directory / EVALUATION_FILE
         checkpoint = by_id[trial_id].directory / checkpoint_name
         predictions = _read_evaluation(cache, checkpoint_name)
         if predictions is None:
-            if not checkpoint_name or not checkpoint.is_dir():
-                results[trial_id] = dict.fromkeys(TEST_COLUMNS, math.nan)
-                continue
             if evaluation_set is None:
                 evaluation_set = EvaluationSet.load(info, experiment.directory / SPLITS_FILE)
-            probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
+            try:
+                probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
+            except CheckpointCorruptError as error:
+                unreadable[trial_id] = str(error).splitlines()[0]
+                continue
             # Rounded before use, so a first build and any later one from the cache agree.
             predictions = {
                 split: Predictions(evaluation_set.labels[split], np.round(probabilities[split], 6))
@@ -345,7 +376,7 @@ def _evaluate_chosen_checkpoints(
             target_specificity=target_specificity,
             resamples=resamples,
         )
-    return results, all_predictions
+    return results, all_predictions, unreadable
 
 
 def _read_evaluation(path: Path, checkpoint_name: str) -> dict[str, Predictions] | None:

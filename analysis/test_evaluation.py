@@ -15,7 +15,7 @@ import torch
 
 from cxrtune.analysis.experiment import DatasetInfo
 from cxrtune.trainables.checkpoints import model_from_checkpoint
-from cxrtune.trainables.data import ingest, read_cache
+from cxrtune.trainables.data import DataError, ingest, read_cache
 from cxrtune.trainables.engine import evaluate
 from cxrtune.trainables.splits import read_splits
 
@@ -33,7 +33,13 @@ class EvaluationSet:
 
     @classmethod
     def load(cls, info: DatasetInfo, splits_path: Path) -> EvaluationSet:
-        """Read the dataset from its cache (or decode it again) and keep val and test."""
+        """Read the dataset from its cache (or decode it again) and keep val and test.
+
+        The cache holds the images as the sweep decoded them. Either way, an image
+        whose label or content differs from what ``splits.csv`` records, or a class
+        list other than the sweep's, is a ``DataError`` naming it: the test numbers
+        would be of other images than the sweep split.
+        """
         cache = Path(info.cache_path)
         if cache.is_file():
             dataset = read_cache(cache)
@@ -47,6 +53,11 @@ class EvaluationSet:
                 skip_bad_images=True,
                 drop_conflicting_duplicates=True,
             ).dataset
+        if list(dataset.class_names) != list(info.class_names):
+            raise DataError(
+                f"the classes of {info.root} are now {list(dataset.class_names)}; "
+                f"the sweep used {info.class_names}"
+            )
         splits = read_splits(dataset, splits_path)
         return cls(
             images={split: dataset.images[splits.of(split)] for split in EVALUATED_SPLITS},

@@ -426,14 +426,6 @@ def prepare_resumed_data(config: SweepConfig, directory: Path) -> PreparedData:
     table = pd.read_csv(directory / SPLITS_FILE, keep_default_na=False)
     index_of = {path: index for index, path in enumerate(dataset.paths)}
     indices = table["path"].map(index_of).to_numpy()
-    labels = np.array(dataset.class_names)[dataset.labels[indices]]
-    hashes = np.array(dataset.hashes)[indices]
-    changed = table["path"][(labels != table["label"]) | (hashes != table["content_hash"])]
-    if len(changed):
-        raise DataError(
-            f"{len(changed)} image(s) of {root} changed since the sweep started, "
-            f"e.g. {list(changed[:3])}; resuming would train on different data"
-        )
     groups = np.full(len(dataset.labels), -1)
     groups[indices] = table["group"].to_numpy()
     return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)

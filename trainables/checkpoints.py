@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKSUM_FILE = "checkpoint.sha256"
+# Why torch.load(weights_only=True) refused a file. It is never loaded another way: a
+# full unpickle of a file from elsewhere could run any code.
+NOT_TENSORS = (
+    "it holds more than tensors and builtins (damaged, or not written by cxrtune), "
+    "and loading it fully could run code"
+)
 # Ray names a trial's checkpoint folders checkpoint_000000, checkpoint_000001, ...
 CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_(\d+)$")
 
@@ -123,7 +129,11 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         state: dict[str, Any] = torch.load(
             io.BytesIO(content), map_location=device, weights_only=True
         )
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except pickle.UnpicklingError as error:
+        raise CheckpointCorruptError(
+            f"checkpoint file {path} cannot be read: {NOT_TENSORS}"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointCorruptError(f"checkpoint file {path} cannot be read: {error}") from error
     return state
 

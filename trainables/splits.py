@@ -226,7 +226,9 @@ def read_splits(dataset: Dataset, path: Path) -> SplitIndices:
     """Read a ``splits.csv`` back as indices into ``dataset``, matching images by path.
 
     ``dataset`` may hold more images than the split (files a sweep skipped or
-    dropped); an image of the split that ``dataset`` lacks is an error.
+    dropped). An image of the split that ``dataset`` lacks, or whose label or
+    content hash differs from the one the file records, is a ``DataError``
+    naming it: the split no longer describes these images.
     """
     table = pd.read_csv(path, keep_default_na=False)
     index_of = {image_path: index for index, image_path in enumerate(dataset.paths)}
@@ -237,5 +239,15 @@ def read_splits(dataset: Dataset, path: Path) -> SplitIndices:
             "was the dataset folder changed after the sweep?"
         )
     indices = table["path"].map(index_of).to_numpy()
+    labels = np.array(dataset.class_names)[dataset.labels[indices]]
+    changed = table["label"].to_numpy() != labels
+    if "content_hash" in table:  # absent from splits files older than the column
+        changed |= table["content_hash"].to_numpy() != np.array(dataset.hashes)[indices]
+    if changed.any():
+        paths = table["path"][changed].tolist()
+        raise DataError(
+            f"{len(paths)} image(s) of {path} changed since the sweep started (label or "
+            f"content), e.g. {paths[:3]}"
+        )
     split = table["split"].to_numpy()
     return SplitIndices(**{name: np.sort(indices[split == name]) for name in SPLITS})

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,32 @@ def test_the_mirror_follows_the_store_when_it_changes(
         assert "t1_baseline_cnn/checkpoint_000003/checkpoint.pt" in files
         assert not [path for path in files if path.startswith("t2_vgg16/")]
         assert len(read_experiment(directory).trials[0].results) == 4
+
+
+def test_the_mirror_fetches_the_latest_tied_checkpoint_the_store_still_has_item_2(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    """Issue item 2: of tied epochs, the one whose checkpoint Ray kept is fetched."""
+    local = tmp_path / "written" / "exp-1"
+    write_fake_experiment(local)
+    trial = local / "t1_baseline_cnn"
+    (trial / "result.json").write_text("\n".join([epoch(1, 0.8), epoch(2, 0.8), epoch(3, 0.7)]))
+    shutil.rmtree(trial / "checkpoint_000000")
+    experiment = RemoteDir.open(f"{s3_bucket}/results/exp-1")
+    files = [path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()]
+    experiment.upload_files(local, files)
+    with local_experiment_dir(experiment.uri) as directory:
+        fetched = {path for path in local_files(directory) if "/checkpoint_" in path}
+        assert fetched == {"t1_baseline_cnn/checkpoint_000001/checkpoint.pt"}
+        assert read_experiment(directory).trials[0].checkpoints == {"checkpoint_000001"}
+
+
+def test_a_trial_records_the_checkpoint_folders_left_in_it(tmp_path: Path) -> None:
+    write_fake_experiment(tmp_path / "exp")
+    shutil.rmtree(tmp_path / "exp" / "t1_baseline_cnn" / "checkpoint_000001")
+    (tmp_path / "exp" / "t1_baseline_cnn" / "checkpoint_000002" / "checkpoint.pt").unlink()
+    trial = read_trial(tmp_path / "exp" / "t1_baseline_cnn")
+    assert trial.checkpoints == {"checkpoint_000000"}
 
 
 def test_a_missing_or_foreign_remote_dir_is_an_error_naming_the_uri(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -327,20 +328,102 @@ def test_the_header_says_the_data_are_synthetic(tmp_path: Path) -> None:
     assert "SYNTHETIC" in leaderboard.header
 
 
-def test_best_epoch_skips_epochs_whose_checkpoint_was_not_kept() -> None:
-    results = pd.DataFrame(
+def epochs_table(values: list[float]) -> pd.DataFrame:
+    """One row per epoch with its val macro AUC and the checkpoint Ray wrote with it."""
+    return pd.DataFrame(
         {
-            "epoch": [1, 2, 3],
-            "val_macro_auc": [0.7, 0.9, 0.8],
-            "checkpoint_dir_name": ["checkpoint_000000", None, "checkpoint_000002"],
+            "epoch": range(1, len(values) + 1),
+            "val_macro_auc": values,
+            "checkpoint_dir_name": [f"checkpoint_{index:06d}" for index in range(len(values))],
         }
     )
-    best = best_epoch_row(results, "val_macro_auc", "max")
+
+
+def test_best_epoch_skips_epochs_whose_checkpoint_is_gone() -> None:
+    results = epochs_table([0.7, 0.9, 0.8])
+    kept = {"checkpoint_000000", "checkpoint_000002"}
+    best = best_epoch_row(results, "val_macro_auc", "max", kept)
     assert best is not None and best["epoch"] == 3
 
 
+def test_best_epoch_of_tied_epochs_is_the_latest_kept_one_item_2() -> None:
+    """Issue item 2: Ray keeps the latest of equal scores, so the latest tied epoch wins."""
+    results = epochs_table([0.6, 1.0, 1.0, 1.0, 0.9])
+    every = set(results["checkpoint_dir_name"])
+    assert best_epoch_row(results, "val_macro_auc", "max", every)["epoch"] == 4
+    # checkpoints_to_keep 1: the latest tied epoch and the latest epoch are left.
+    kept = {"checkpoint_000003", "checkpoint_000004"}
+    assert best_epoch_row(results, "val_macro_auc", "max", kept)["epoch"] == 4
+    # Whatever Ray deleted, the choice is a checkpoint that still exists.
+    kept = {"checkpoint_000001", "checkpoint_000004"}
+    assert best_epoch_row(results, "val_macro_auc", "max", kept)["epoch"] == 2
+    losses = epochs_table([0.5, 0.3, 0.3]).rename(columns={"val_macro_auc": "val_loss"})
+    assert (
+        best_epoch_row(losses, "val_loss", "min", set(losses["checkpoint_dir_name"]))["epoch"] == 3
+    )
+
+
+def test_best_epoch_without_a_kept_checkpoint_is_none() -> None:
+    results = epochs_table([0.7, 0.9])
+    assert best_epoch_row(results, "val_macro_auc", "max", set()) is None
+    assert (
+        best_epoch_row(
+            results.drop(columns="checkpoint_dir_name"),
+            "val_macro_auc",
+            "max",
+            {"checkpoint_000000"},
+        )
+        is None
+    )
+
+
 def test_best_epoch_of_a_trial_without_results_is_none() -> None:
-    assert best_epoch_row(pd.DataFrame(), "val_macro_auc", "max") is None
+    assert best_epoch_row(pd.DataFrame(), "val_macro_auc", "max", {"checkpoint_000000"}) is None
+
+
+def test_a_tie_chooses_the_checkpoint_ray_kept_and_evaluates_it_item_2(tmp_path: Path) -> None:
+    """Issue item 2: tied epochs whose earliest checkpoint Ray deleted still get test columns."""
+    experiment = make_experiment(tmp_path)
+    trial = experiment / "t1_baseline_cnn"
+    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    for row in rows:
+        row["val_macro_auc"] = 0.8
+    (trial / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        shutil.rmtree(trial / name)  # checkpoints_to_keep 1: Ray kept the latest of the tie
+    leaderboard = build_leaderboard(read_experiment(experiment))
+    row = leaderboard.ranked.set_index("trial_id").loc["t1"]
+    assert row["best_epoch"] == 3
+    assert row[list(TEST_COLUMNS)].notna().all()
+    assert leaderboard.checkpoints["t1"] == trial / "checkpoint_000002"
+    assert json.loads((trial / "evaluation.json").read_text())["checkpoint"] == "checkpoint_000002"
+
+
+def test_a_trial_whose_checkpoints_are_gone_is_listed_apart_with_the_reason_item_2(
+    tmp_path: Path,
+) -> None:
+    """Issue item 2: no NaN test columns for a trial without a checkpoint to evaluate."""
+    experiment = make_experiment(tmp_path)
+    shutil.rmtree(experiment / "t3_baseline_cnn" / "checkpoint_000000")
+    leaderboard = build_leaderboard(read_experiment(experiment))
+    assert leaderboard.ranked["trial_id"].tolist() == ["t1", "t2"]
+    assert leaderboard.ranked[list(TEST_COLUMNS)].notna().all(axis=None)
+    failed = leaderboard.failed.set_index("trial_id")["error"]
+    assert "checkpoint_000000 is missing from" in failed["t3"]
+    assert "t3" not in leaderboard.checkpoints
+    text = format_leaderboard(leaderboard)
+    assert "t3 baseline_cnn: no checkpoint left: checkpoint_000000 is missing" in text
+
+
+def test_a_chosen_checkpoint_that_cannot_be_read_is_listed_apart_item_2(tmp_path: Path) -> None:
+    experiment = make_experiment(tmp_path)
+    (experiment / "t2_regularized_cnn" / "checkpoint_000001" / "checkpoint.pt").unlink()
+    leaderboard = build_leaderboard(read_experiment(experiment))
+    assert leaderboard.ranked["trial_id"].tolist() == ["t1", "t3"]
+    assert leaderboard.ranked[list(TEST_COLUMNS)].notna().all(axis=None)
+    error = leaderboard.failed.set_index("trial_id")["error"]["t2"]
+    assert "checkpoint.pt is missing" in error and "checkpoint_000001" in error
+    assert set(leaderboard.checkpoints) == {"t1", "t3"}
 
 
 def test_a_folder_that_is_not_an_experiment_is_a_clear_error(tmp_path: Path) -> None:

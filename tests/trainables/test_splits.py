@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,39 @@ def test_splits_csv_round_trips(tmp_path: Path) -> None:
     assert text[0] == "path,label,group,split,content_hash"
     again = read_splits(dataset, tmp_path / "splits.csv")
     assert all(np.array_equal(again.of(s), parts.of(s)) for s in ("train", "val", "test"))
+
+
+def hashed_dataset(labels: np.ndarray = LABELS) -> Dataset:
+    return Dataset(
+        images=np.zeros((len(labels), 1, 2, 2), dtype=np.uint8),
+        labels=labels,
+        class_names=("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"),
+        paths=tuple(f"c/{i}.png" for i in range(len(labels))),
+        hashes=tuple(f"hash-{i}" for i in range(len(labels))),
+    )
+
+
+def test_reading_splits_refuses_images_whose_content_or_label_changed_item_5(
+    tmp_path: Path,
+) -> None:
+    """Issue item 5: resume and test evaluation read the split through this one check."""
+    write_splits(hashed_dataset(), split(), tmp_path / "splits.csv")
+    hashes = list(hashed_dataset().hashes)
+    hashes[7] = "other"
+    edited = dataclasses.replace(hashed_dataset(), hashes=tuple(hashes))
+    with pytest.raises(DataError, match=r"1 image\(s\) of .*splits\.csv changed.*'c/7\.png'"):
+        read_splits(edited, tmp_path / "splits.csv")
+    relabelled = hashed_dataset(np.where(np.arange(len(LABELS)) == 3, 2, LABELS))
+    with pytest.raises(DataError, match=r"changed since the sweep started.*'c/3\.png'"):
+        read_splits(relabelled, tmp_path / "splits.csv")
+
+
+def test_splits_written_before_content_hashes_are_read_by_label(tmp_path: Path) -> None:
+    write_splits(hashed_dataset(), split(), tmp_path / "splits.csv")
+    table = pd.read_csv(tmp_path / "splits.csv").drop(columns="content_hash")
+    table.to_csv(tmp_path / "splits.csv", index=False)
+    again = read_splits(hashed_dataset(), tmp_path / "splits.csv")
+    assert np.array_equal(again.test, split().test)
 
 
 def patient_dataset(seed: int = 0) -> Dataset:
