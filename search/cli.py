@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_NO_RESULTS = 1
@@ -185,18 +186,18 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def ingest_overrides(args: argparse.Namespace) -> list[str]:
-    """The ingest options given on the command line, as sweep-file overrides."""
-    overrides = []
-    if args.layout:
-        overrides.append(f"layout={args.layout}")
-    if args.group_by:
-        overrides.append(f"group_by={args.group_by}")
+def ingest_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ingest options given on the command line, as sweep-file keys and literal values."""
+    settings: dict[str, Any] = {}
+    if args.layout is not None:
+        settings["layout"] = args.layout
+    if args.group_by is not None:
+        settings["group_by"] = args.group_by
     if args.skip_bad_images:
-        overrides.append("skip_bad_images=true")
+        settings["skip_bad_images"] = True
     if args.drop_conflicting_duplicates:
-        overrides.append("drop_conflicting_duplicates=true")
-    return overrides
+        settings["drop_conflicting_duplicates"] = True
+    return settings
 
 
 def run_inspect_command(args: argparse.Namespace) -> int:
@@ -204,7 +205,7 @@ def run_inspect_command(args: argparse.Namespace) -> int:
     from cxrtune.search.sweep import ingest_with_progress
     from cxrtune.trainables.data import DataError
 
-    config = load_sweep_config(None, [*ingest_overrides(args), f"image_size={args.size}"])
+    config = load_sweep_config(None, settings={**ingest_settings(args), "image_size": args.size})
     try:
         _, report, cache_path, _ = ingest_with_progress(config, args.data)
     except DataError as error:
@@ -219,12 +220,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
-    overrides = list(args.overrides) + ingest_overrides(args)
+    # Only --set values are YAML; an option's value is taken literally ("ward #2", "2024").
+    settings = ingest_settings(args)
     if args.data is not None:
-        overrides.append(f"data={args.data}")
+        settings["data"] = args.data
     if args.mlflow_uri is not None:
-        overrides.append(f"mlflow_uri={args.mlflow_uri}")
-    config = load_sweep_config(args.sweep_file, overrides)
+        settings["mlflow_uri"] = args.mlflow_uri
+    config = load_sweep_config(args.sweep_file, args.overrides, settings)
     outcome = run_sweep(config, name=args.name, address=args.address)
     return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
 

@@ -200,11 +200,17 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
 
-def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep file (``None`` = all defaults) and apply ``key=value`` overrides.
+def load_sweep_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> SweepConfig:
+    """Read a sweep file (``None`` = all defaults), apply ``key=value`` overrides, then settings.
 
     Override keys may be dotted (``resources.vgg16.gpus=1``); values are parsed
-    as YAML (``families=[vgg16]``, ``data=null``).
+    as YAML (``families=[vgg16]``, ``data=null``). ``settings`` maps dotted keys
+    to values taken as they are, never parsed: a command-line option such as
+    ``--data "/scans/ward #2"`` means that exact string.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -225,6 +231,8 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
         if not separator or not key:
             raise SweepConfigError(f"--set expects key=value, got {override!r}")
         _set_dotted(values, key.strip(), yaml.safe_load(raw))
+    for key, value in (settings or {}).items():
+        _set_dotted(values, key, value)
     return from_mapping(SweepConfig, values)
 
 

@@ -113,3 +113,58 @@ def test_resuming_a_sweep_stored_on_s3_exits_2_saying_it_is_not_supported() -> N
     assert result.returncode == EXIT_BAD_INPUT
     assert "not supported yet" in result.stderr and "s3://***@bucket/results/exp-1" in result.stderr
     assert "SECRET" not in result.stderr and "Traceback" not in result.stderr
+
+
+# A folder name YAML would cut at " #", read as a mapping at ": ", or mangle otherwise.
+AWKWARD_FOLDER = "ward #2: Zürich"
+
+
+@pytest.mark.parametrize("data", ["/scans/ward #2", "2024", "null", f"/scans/{AWKWARD_FOLDER}"])
+def test_sweep_options_reach_the_config_literally(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3: --data and --mlflow-uri are taken as given, not parsed as YAML."""
+    import cxrtune.search.cli as cli
+    import cxrtune.search.sweep as sweep
+
+    seen = {}
+
+    def capture(config: object, **_: object) -> object:
+        seen["config"] = config
+        return sweep.SweepOutcome(experiment_dir="unused", trials=0, errored=0)
+
+    monkeypatch.setattr(sweep, "run_sweep", capture)
+    monkeypatch.setattr(cli, "finish_with_leaderboard", lambda *_, **__: EXIT_OK)
+    assert main(["sweep", "--data", data, "--mlflow-uri", data, "--set", "num_samples=3"]) == 0
+    config = seen["config"]
+    assert config.data == data and config.mlflow_uri == data  # type: ignore[attr-defined]
+    assert config.num_samples == 3  # type: ignore[attr-defined]
+
+
+def test_a_sweep_of_a_missing_folder_named_null_is_refused_not_the_synthetic_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3: `--data null` names a folder called null; it never means "no data"."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("sweep", "--data", "null", "--set", f"storage_path={tmp_path / 'out'}")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"dataset not found: {tmp_path / 'null'}" in result.stderr
+    assert "SYNTHETIC" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
+    make_image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Item 3: such a folder is read by `data inspect` and by a sweep's --data."""
+    root = make_image_folder({"COVID": 4, "Normal": 6}, root=tmp_path / AWKWARD_FOLDER)
+    inspect = run_cli("data", "inspect", str(root))
+    assert inspect.returncode == EXIT_OK, inspect.stderr
+    assert "COVID: 4" in inspect.stdout and AWKWARD_FOLDER in inspect.stdout
+    no_covid = make_image_folder(
+        {"Normal": 10, "Pneumonia": 10}, root=tmp_path / "b" / "#1: Zürich"
+    )
+    sweep = run_cli("sweep", "--data", str(no_covid), "--set", f"storage_path={tmp_path / 'out'}")
+    # Refused only after ingest read the folder and found its classes.
+    assert sweep.returncode == EXIT_BAD_INPUT
+    assert "no class matches the positive class 'COVID'" in sweep.stderr
+    assert "classes: ['Normal', 'Pneumonia']" in sweep.stderr

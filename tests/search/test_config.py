@@ -137,3 +137,12 @@ def test_resources_a_trial_cannot_use_are_errors_saying_what_to_write(
 ) -> None:
     with pytest.raises(SweepConfigError, match=message):
         load_sweep_config(None, [f"resources.vgg16={resources}"])
+
+
+def test_settings_are_taken_literally_and_win_over_set_overrides() -> None:
+    """Item 3: command-line option values are never parsed as YAML; only --set is."""
+    config = load_sweep_config(
+        None, ["data=/from/set", "num_samples=3"], {"data": "null", "mlflow_uri": "2024"}
+    )
+    assert config.data == "null" and config.mlflow_uri == "2024" and config.num_samples == 3
+    assert load_sweep_config(None, settings={"data": "/scans/ward #2"}).data == "/scans/ward #2"
