@@ -17,6 +17,7 @@ import pandas as pd
 
 from cxrtune.analysis.experiment import LEADERBOARD_CSV, ExperimentError, read_experiment
 from cxrtune.analysis.leaderboard import build_leaderboard
+from cxrtune.analysis.storage import redacted
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -53,7 +54,7 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
     try:
         return MlflowClient(tracking_uri=tracking_uri)
     except MlflowException as error:
-        raise MLflowError(f"MLflow refuses {tracking_uri!r}: {error.message}") from error
+        raise MLflowError(f"MLflow refuses {redacted(tracking_uri)!r}: {error.message}") from error
 
 
 def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> str | None:
@@ -92,7 +93,9 @@ def log_top_models(experiment_dir: str | Path, mlflow_uri: str, top: int = 3) ->
     client = tracking_client(mlflow_uri)
     experiment = client.get_experiment_by_name(directory.name)
     if experiment is None:
-        raise MLflowError(f"{mlflow_uri} has no MLflow experiment named {directory.name!r}")
+        raise MLflowError(
+            f"{redacted(mlflow_uri)} has no MLflow experiment named {directory.name!r}"
+        )
     logged: dict[str, str] = {}
     chosen = ranked.head(top)
     for trial_id, rank in zip(chosen["trial_id"].tolist(), chosen["rank"].tolist(), strict=True):
@@ -102,8 +105,8 @@ def log_top_models(experiment_dir: str | Path, mlflow_uri: str, top: int = 3) ->
         run_id = find_trial_run(client, experiment.experiment_id, trial_id)
         if run_id is None:
             raise MLflowError(
-                f"MLflow experiment {directory.name!r} at {mlflow_uri} has no run of trial "
-                f"{trial_id}; was the sweep run with this mlflow_uri?"
+                f"MLflow experiment {directory.name!r} at {redacted(mlflow_uri)} has no run of "
+                f"trial {trial_id}; was the sweep run with this mlflow_uri?"
             )
         client.log_artifacts(run_id, str(checkpoint), artifact_path=MODEL_ARTIFACT)
         client.set_tag(run_id, RANK_TAG, str(rank))

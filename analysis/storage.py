@@ -31,10 +31,12 @@ import pyarrow
 import pyarrow.fs
 
 __all__ = [
+    "REDACTED_KEYS",
     "RemoteDir",
     "RemoteFile",
     "StorageError",
     "driver_files_dir",
+    "has_credentials",
     "is_remote",
     "joined",
     "mirror_dir",
@@ -43,6 +45,9 @@ __all__ = [
 ]
 
 SUPPORTED_SCHEMES = ("s3",)
+# Query parameters of pyarrow's S3 URIs that hold keys.
+KEY_PARAMETERS = ("access_key", "secret_key", "session_token")
+REDACTED_KEYS = "***"  # what ``redacted`` shows in place of keys
 WRITE_CHECK_FILE = ".cxrtune-write-check"
 CHECKLIST = (
     "check that the bucket exists, that the credentials (AWS_ACCESS_KEY_ID and "
@@ -62,14 +67,33 @@ def is_remote(location: str | Path) -> bool:
 
 
 def redacted(uri: str) -> str:
-    """``uri`` with any keys written into it (``s3://KEY:SECRET@bucket``) shown as ``***``.
+    """``uri`` with any keys written into it shown as ``***``, for messages and written files.
 
-    A local path is given back as it is.
+    The user-info part (``s3://KEY:SECRET@bucket``, ``http://user:password@host``) and
+    pyarrow's key parameters (``?access_key=...&secret_key=...``) are hidden. A local
+    path is given back as it is.
     """
-    parts = urlsplit(uri)
-    if not is_remote(uri) or "@" not in parts.netloc:
+    if not is_remote(uri):
         return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    original = parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc=f"{REDACTED_KEYS}@" + parts.netloc.rpartition("@")[2])
+    if parts.query:
+        fields = [field.partition("=") for field in parts.query.split("&")]
+        parts = parts._replace(
+            query="&".join(
+                f"{name}{equals}{REDACTED_KEYS if name in KEY_PARAMETERS else value}"
+                for name, equals, value in fields
+            )
+        )
+    # Rebuilt only when changed: urlunsplit would turn sqlite:///x into sqlite:/x.
+    return uri if parts == original else urlunsplit(parts)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries keys itself (see ``redacted``) instead of leaving them to the
+    credential chain."""
+    return redacted(uri) != uri
 
 
 def joined(location: str | Path, relative_path: str) -> str:

@@ -233,12 +233,21 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_resume_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import SWEEP_FILE
+    from cxrtune.analysis.storage import REDACTED_KEYS
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import resume_sweep
 
     outcome = resume_sweep(args.experiment_dir, address=args.address)
     config = load_sweep_config(outcome.experiment_dir / SWEEP_FILE)
-    return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
+    mlflow_uri = config.mlflow_uri
+    if mlflow_uri and REDACTED_KEYS in mlflow_uri:
+        print(
+            "The sweep's mlflow_uri carried credentials, which sweep.yaml does not keep: "
+            "the top models are not logged to MLflow",
+            file=sys.stderr,
+        )
+        mlflow_uri = None
+    return finish_with_leaderboard(outcome.experiment_dir, mlflow_uri, top=args.top)
 
 
 def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, *, top: int) -> int:
@@ -252,7 +261,7 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
         format_leaderboard,
         write_leaderboard,
     )
-    from cxrtune.analysis.storage import joined
+    from cxrtune.analysis.storage import joined, redacted
 
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
     with local_experiment_dir(experiment_dir) as local_dir:
@@ -264,7 +273,7 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
             from cxrtune.analysis.mlflow_export import log_top_models
 
             logged = log_top_models(local_dir, mlflow_uri)
-            print(f"The top {len(logged)} models were logged to MLflow at {mlflow_uri}")
+            print(f"The top {len(logged)} models were logged to MLflow at {redacted(mlflow_uri)}")
     written = joined(experiment_dir, "leaderboard.csv")
     print(f"\nLeaderboard written to {written} and leaderboard.md")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS

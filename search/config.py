@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from cxrtune.analysis.storage import has_credentials, is_remote, redacted
 from cxrtune.spaces import FAMILIES, get_space
 from cxrtune.trainables.layouts import LAYOUTS
 
@@ -177,6 +178,14 @@ class SweepConfig:
             raise SweepConfigError("target_specificity: must be in (0, 1)")
         if self.bootstrap_resamples < 1000:
             raise SweepConfigError("bootstrap_resamples: must be at least 1000")
+        if is_remote(self.storage_path) and has_credentials(self.storage_path):
+            # Written into sweep.yaml, uploaded with it, and handed to every Ray node.
+            raise SweepConfigError(
+                f"storage_path: {redacted(self.storage_path)} carries credentials in the URI; "
+                "remove them and give them through the AWS credential chain instead "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an "
+                "instance role)"
+            )
         if self.max_failures < 0:
             raise SweepConfigError(f"max_failures: must be 0 or more, got {self.max_failures}")
         try:
@@ -312,5 +321,12 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
 
 
 def write_sweep_config(config: SweepConfig, path: Path) -> None:
-    """Write the resolved config as YAML (every key, defaults included)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (every key, defaults included).
+
+    Keys written into a URI (``http://user:password@host``) are written as ``***``.
+    """
+    values = config.to_dict()
+    for key in ("storage_path", "mlflow_uri"):
+        if values[key] is not None:
+            values[key] = redacted(values[key])
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -12,6 +12,7 @@ from cxrtune.analysis.storage import (
     RemoteDir,
     StorageError,
     driver_files_dir,
+    has_credentials,
     is_remote,
     joined,
     mirror_dir,
@@ -49,6 +50,16 @@ def test_keys_in_a_uri_are_redacted_and_the_rest_kept() -> None:
     assert redacted(uri) == "s3://***@bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"
     assert redacted("s3://bucket/p") == "s3://bucket/p"
     assert redacted("/data/user@host/a") == "/data/user@host/a"
+
+
+def test_keys_in_a_uri_query_or_an_http_uri_are_redacted_too() -> None:
+    """Item 6: every place keys can sit in a URI is hidden when shown or written."""
+    uri = "s3://bucket/p?access_key=AKEY&secret_key=SECRET&session_token=TOKEN&region=eu"
+    shown = "s3://bucket/p?access_key=***&secret_key=***&session_token=***&region=eu"
+    assert redacted(uri) == shown and has_credentials(uri)
+    assert redacted("http://user:SECRET@mlflow.local:5000/") == "http://***@mlflow.local:5000/"
+    assert not has_credentials("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert not has_credentials("sqlite:///mlflow.db")
 
 
 def test_a_file_under_a_uri_goes_before_its_query() -> None:

@@ -168,3 +168,24 @@ def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
     assert sweep.returncode == EXIT_BAD_INPUT
     assert "no class matches the positive class 'COVID'" in sweep.stderr
     assert "classes: ['Normal', 'Pneumonia']" in sweep.stderr
+
+
+def test_resume_does_not_log_to_mlflow_through_a_redacted_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 6: sweep.yaml keeps ``***`` for the keys, which resume cannot log in with."""
+    import cxrtune.search.cli as cli
+    import cxrtune.search.sweep as sweep
+    from cxrtune.search.config import load_sweep_config, write_sweep_config
+
+    config = load_sweep_config(None, settings={"mlflow_uri": "http://me:pw@127.0.0.1:5000"})
+    write_sweep_config(config, tmp_path / "sweep.yaml")
+    outcome = sweep.SweepOutcome(experiment_dir=tmp_path, trials=1, errored=0)
+    monkeypatch.setattr(sweep, "resume_sweep", lambda *_, **__: outcome)
+    given = []
+    monkeypatch.setattr(
+        cli, "finish_with_leaderboard", lambda _, uri, **__: given.append(uri) or EXIT_OK
+    )
+    main(["resume", str(tmp_path), "--address", "unused"])
+    assert given == [None]
+    assert "not logged to MLflow" in capsys.readouterr().err
