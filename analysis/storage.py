@@ -42,6 +42,7 @@ __all__ = [
     "mirror_dir",
     "redacted",
     "remote_cache_dir",
+    "unsafe_path_reason",
 ]
 
 SUPPORTED_SCHEMES = ("s3",)
@@ -94,6 +95,27 @@ def has_credentials(uri: str) -> bool:
     """Whether ``uri`` carries keys itself (see ``redacted``) instead of leaving them to the
     credential chain."""
     return redacted(uri) != uri
+
+
+def unsafe_path_reason(path: str, *, folders: bool) -> str | None:
+    """Why ``path``, read from storage, must not be joined to a local folder; ``None`` if safe.
+
+    Safe is relative, with no empty, ``.`` or ``..`` part and no backslash, and with no
+    ``/`` at all unless ``folders``: a bucket key or a trial id can then never name a
+    file outside the folder it is written into.
+    """
+    if not path:
+        return "is empty"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if "\\" in path or "\0" in path:
+        return "holds a backslash or a NUL character"
+    parts = path.split("/")
+    if not folders and len(parts) > 1:
+        return "holds a path separator"
+    if any(part in ("", ".", "..") for part in parts):
+        return "holds an empty, '.' or '..' part"
+    return None
 
 
 def joined(location: str | Path, relative_path: str) -> str:
@@ -194,13 +216,21 @@ class RemoteDir:
         with self._reporting("list"):
             infos = self.filesystem.get_file_info(selector)
         prefix = self.path + "/"
-        return [
+        files = [
             RemoteFile(
                 relative_path=info.path.removeprefix(prefix), size=info.size, mtime_ns=info.mtime_ns
             )
             for info in infos
             if info.type == pyarrow.fs.FileType.File
         ]
+        for remote in files:
+            # Each file may be copied to local_dir / relative_path: that must stay in local_dir.
+            if reason := unsafe_path_reason(remote.relative_path, folders=True):
+                raise StorageError(
+                    f"refusing the key {prefix + remote.relative_path!r} in {self.display}: "
+                    f"below the folder it {reason}, so a local copy could land outside it"
+                )
+        return files
 
     def check_writable(self) -> None:
         """Write and delete a small file here, so a store that refuses fails before any work.

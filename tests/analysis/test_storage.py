@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -167,3 +168,30 @@ def test_credentials_the_store_refuses_fail_the_write_check_naming_the_uri(
 def test_a_uri_pyarrow_cannot_take_is_an_error_naming_it(s3_environment: S3Server) -> None:
     with pytest.raises(StorageError, match=r"cannot open s3://bucket/results\?colour=blue: "):
         RemoteDir.open("s3://bucket/results?colour=blue")
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    ["../../escaped.json", "t1/../../../escaped.json", "/escaped.json", "./t1/escaped.json"],
+)
+def test_a_bucket_key_that_would_leave_the_local_copy_is_refused_naming_it(
+    s3_environment: S3Server, tmp_path: Path, crafted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 7: keys are joined to the mirror's folder; `..`, absolute, empty parts are refused."""
+    import boto3
+
+    from cxrtune.search.cli import EXIT_BAD_INPUT, main
+
+    bucket = s3_environment.new_bucket().removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_environment.endpoint)
+    for key in ("exp/sweep.yaml", "exp/dataset.json", "exp/splits.csv", f"exp/{crafted}"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    with pytest.raises(StorageError, match="refusing the key") as error:
+        RemoteDir.open(f"s3://{bucket}/exp").files()
+    assert f"'{bucket}/exp/{crafted}'" in str(error.value)
+    for command in ("leaderboard", "report", "export"):
+        extra = ["--rank", "1", "--out", str(tmp_path / "model")] if command == "export" else []
+        assert main([command, f"s3://{bucket}/exp", *extra]) == EXIT_BAD_INPUT
+        assert f"{bucket}/exp/{crafted}" in capsys.readouterr().err
+    cache = Path(os.environ["CXRTUNE_CACHE_DIR"])
+    assert not list(cache.parent.rglob("escaped.json")) and not Path("/escaped.json").exists()
