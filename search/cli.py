@@ -301,8 +301,11 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
 def run_report_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.html_report import write_report
+    from cxrtune.analysis.outputs import writable_folder
     from cxrtune.analysis.storage import is_remote, joined
 
+    if args.out is not None:
+        writable_folder(args.out, option="--out")
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         html = write_report(experiment_dir, top=args.top, out_dir=args.out)
     written = str(html)
@@ -315,7 +318,9 @@ def run_report_command(args: argparse.Namespace) -> int:
 def run_export_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.export import export_model
+    from cxrtune.analysis.outputs import writable_parent
 
+    writable_parent(args.out, option="--out")
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         out = export_model(
             experiment_dir, args.out, trial_id=args.trial, rank=args.rank, ensemble=args.ensemble
@@ -328,8 +333,13 @@ def run_predict_command(args: argparse.Namespace) -> int:
     """Exit 0 when every input was classified, 2 when some could not be read."""
     from cxrtune.analysis.export import load_exported
     from cxrtune.analysis.gradcam import write_gradcam_overlays
+    from cxrtune.analysis.outputs import writable_file, writable_folder
     from cxrtune.analysis.predict import predict_paths
 
+    if args.csv:
+        writable_file(args.csv, option="--csv")
+    if args.gradcam:
+        writable_folder(args.gradcam, option="--gradcam")
     model = load_exported(args.model_dir)
     table, bad_files = predict_paths(model, args.inputs)
     if len(table):
@@ -366,6 +376,7 @@ def run_synth_command(args: argparse.Namespace) -> int:
 def _input_error_types() -> tuple[type[BaseException], ...]:
     from cxrtune.analysis.experiment import ExperimentError
     from cxrtune.analysis.export import ExportError
+    from cxrtune.analysis.outputs import OutputError
     from cxrtune.analysis.storage import StorageError
     from cxrtune.search.config import SweepConfigError
     from cxrtune.trainables.config import ConfigError
@@ -378,6 +389,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
         DataError,
         ExperimentError,
         ExportError,
+        OutputError,
         StorageError,
         WeightsUnavailableError,
         FileNotFoundError,

@@ -189,3 +189,109 @@ def test_resume_does_not_log_to_mlflow_through_a_redacted_uri(
     main(["resume", str(tmp_path), "--address", "unused"])
     assert given == [None]
     assert "not logged to MLflow" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def experiment_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A finished experiment, its rank-1 model exported, and a folder of two images."""
+    import numpy as np
+
+    from cxrtune.analysis.export import export_model
+    from tests.analysis.test_leaderboard import make_experiment
+    from tests.conftest import write_png
+
+    root = tmp_path_factory.mktemp("outputs")
+    experiment = make_experiment(root)
+    model = export_model(experiment, root / "model", rank=1)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        write_png(root / "images" / name, rng.integers(0, 256, (20, 20), dtype=np.uint8))
+    return experiment, model, root / "images"
+
+
+# Each output option: the command line writing to `target`, and what it writes there.
+OUTPUT_COMMANDS = {
+    "predict --csv": (
+        lambda e, m, i, target: ["predict", str(m), str(i), "--csv", str(target / "p.csv")],
+        "p.csv",
+    ),
+    "predict --gradcam": (
+        lambda e, m, i, target: ["predict", str(m), str(i), "--gradcam", str(target / "cams")],
+        "cams/a_gradcam.png",
+    ),
+    "report --out": (
+        lambda e, m, i, target: ["report", str(e), "--out", str(target / "report")],
+        "report/report.html",
+    ),
+    "export --out": (
+        lambda e, m, i, target: ["export", str(e), "--rank", "1", "--out", str(target / "m")],
+        "m/model.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_an_output_under_missing_folders_is_written_there(
+    command: str, experiment_and_model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Item 13: missing parent folders of every output option are created."""
+    argv, written = OUTPUT_COMMANDS[command]
+    target = tmp_path / "not" / "yet"
+    assert main(argv(*experiment_and_model, target)) == EXIT_OK
+    assert (target / written).is_file()
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+@pytest.mark.parametrize("place", ["file in the way", "refuses writes"])
+def test_an_output_that_cannot_be_written_stops_the_command_before_any_work(
+    command: str,
+    place: str,
+    experiment_and_model: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Item 13: exit 2 naming the option and the path, before anything is classified or read.
+
+    Tests run as root, where permission bits stop nothing: /proc stands in for a
+    read-only place, and a plain file for a folder.
+    """
+    argv, _ = OUTPUT_COMMANDS[command]
+    if place == "file in the way":
+        (tmp_path / "blocker").write_text("a file")
+        target = tmp_path / "blocker" / "sub"
+    else:
+        target = Path("/proc/cxrtune-output-check")
+    assert main(argv(*experiment_and_model, target)) == EXIT_BAD_INPUT
+    output = capsys.readouterr()
+    option = command.split()[1]
+    assert f"cxrtune: error: {option} {target}" in output.err
+    reason = "is a file, not a folder" if place == "file in the way" else "cannot write there"
+    assert reason in output.err
+    assert output.out == ""  # nothing was predicted, reported or exported
+    if place == "file in the way":
+        assert (tmp_path / "blocker").read_text() == "a file"
+
+
+@pytest.mark.parametrize("place", ["missing parents", "file in the way", "refuses writes"])
+def test_a_local_storage_path_is_created_or_refused_before_any_data_work(
+    place: str, tmp_path: Path
+) -> None:
+    """Item 13: storage_path is checked like every other output, before decoding any image."""
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.sweep import experiment_dir_for
+
+    if place == "missing parents":
+        storage = tmp_path / "not" / "yet"
+        config = load_sweep_config(None, settings={"storage_path": str(storage)})
+        assert experiment_dir_for(config, "exp-1") == (storage.resolve() / "exp-1", "exp-1")
+        assert storage.is_dir()
+        return
+    if place == "file in the way":
+        (tmp_path / "blocker").write_text("a file")
+        storage = tmp_path / "blocker" / "results"
+    else:
+        storage = Path("/proc/cxrtune-output-check")
+    result = run_cli("sweep", "--set", f"storage_path={storage}", "--set", "image_size=32")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"cxrtune: error: storage_path {storage}: " in result.stderr
+    assert "Decoding images" not in result.stderr and "Traceback" not in result.stderr
