@@ -182,7 +182,8 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop-conflicting-duplicates",
         action="store_true",
-        help="leave out every copy of an image found under two labels instead of stopping",
+        help="leave out every copy of an image found under two labels, or in two splits of a "
+        "manifest, instead of stopping",
     )
 
 

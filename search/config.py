@@ -95,7 +95,8 @@ class SweepConfig:
     skip_bad_images: bool = (
         False  # skip unreadable images (listed in the report) instead of stopping
     )
-    drop_conflicting_duplicates: bool = False  # drop an image found under two labels, not stop
+    # drop an image found under two labels or in two splits of a manifest, not stop
+    drop_conflicting_duplicates: bool = False
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked

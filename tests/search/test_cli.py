@@ -295,3 +295,22 @@ def test_a_local_storage_path_is_created_or_refused_before_any_data_work(
     assert result.returncode == EXIT_BAD_INPUT
     assert f"cxrtune: error: storage_path {storage}: " in result.stderr
     assert "Decoding images" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_manifest_split_that_leaks_a_duplicate_stops_inspect_and_sweep_naming_both(
+    tmp_path: Path,
+) -> None:
+    """Item 4: exit 2 with both paths; --drop-conflicting-duplicates leaves both copies out."""
+    from tests.trainables.test_ingest import manifest_with_a_copy_across_splits
+
+    manifest = manifest_with_a_copy_across_splits(tmp_path / "data")
+    inspect = run_cli("data", "inspect", str(manifest))
+    sweep = run_cli("sweep", "--data", str(manifest), "--set", f"storage_path={tmp_path / 'out'}")
+    for result in (inspect, sweep):
+        assert result.returncode == EXIT_BAD_INPUT
+        assert "train/0.png (train) == test/copy.png (test)" in result.stderr
+        assert "Traceback" not in result.stderr
+    dropped = run_cli("data", "inspect", str(manifest), "--drop-conflicting-duplicates")
+    assert dropped.returncode == EXIT_OK, dropped.stderr
+    assert "Images in two splits of the manifest: 1" in dropped.stdout
+    assert "dropped: 2 images" in dropped.stdout
