@@ -10,8 +10,10 @@ extra (``pip install 'cxrtune[mlflow]'``) and is imported only here, when used.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MODEL_ARTIFACT",
     "MLflowError",
+    "credentials_to_environment",
     "find_trial_run",
     "log_top_models",
     "tracking_client",
@@ -55,6 +58,24 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=tracking_uri)
     except MlflowException as error:
         raise MLflowError(f"MLflow refuses {redacted(tracking_uri)!r}: {error.message}") from error
+
+
+def credentials_to_environment(tracking_uri: str) -> str:
+    """``tracking_uri`` without its user-info, which goes to this process's environment.
+
+    A user name and password written into the URI (``http://user:password@host``) are
+    set as ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, which MLflow
+    reads for every request. Ray pickles the sweep's MLflow callback into the
+    experiment dir (``tuner.pkl``): given the URI this returns, it holds no secret.
+    """
+    parts = urlsplit(tracking_uri)
+    if "@" not in parts.netloc:
+        return tracking_uri
+    user_info, _, host = parts.netloc.rpartition("@")
+    user, _, password = user_info.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> str | None:

@@ -9,6 +9,7 @@ interrupted. Heavy libraries are imported inside the commands, so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,13 +242,17 @@ def run_resume_command(args: argparse.Namespace) -> int:
     outcome = resume_sweep(args.experiment_dir, address=args.address)
     config = load_sweep_config(outcome.experiment_dir / SWEEP_FILE)
     mlflow_uri = config.mlflow_uri
-    if mlflow_uri and REDACTED_KEYS in mlflow_uri:
-        print(
-            "The sweep's mlflow_uri carried credentials, which sweep.yaml does not keep: "
-            "the top models are not logged to MLflow",
-            file=sys.stderr,
-        )
-        mlflow_uri = None
+    if mlflow_uri and f"{REDACTED_KEYS}@" in mlflow_uri:
+        # The resumed trials log through the URI without its keys, as the sweep left it.
+        mlflow_uri = mlflow_uri.replace(f"{REDACTED_KEYS}@", "", 1)
+        if "MLFLOW_TRACKING_PASSWORD" not in os.environ:
+            print(
+                "The sweep's mlflow_uri carried keys, which the experiment dir does not keep: "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to log to MLflow; "
+                "the top models are not logged",
+                file=sys.stderr,
+            )
+            mlflow_uri = None
     return finish_with_leaderboard(outcome.experiment_dir, mlflow_uri, top=args.top)
 
 

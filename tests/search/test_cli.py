@@ -170,10 +170,14 @@ def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
     assert "classes: ['Normal', 'Pneumonia']" in sweep.stderr
 
 
-def test_resume_does_not_log_to_mlflow_through_a_redacted_uri(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("password_set", [False, True])
+def test_resume_logs_to_mlflow_without_the_keys_sweep_yaml_does_not_keep(
+    password_set: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Item 6: sweep.yaml keeps ``***`` for the keys, which resume cannot log in with."""
+    """Item 6: sweep.yaml keeps ``***`` for the keys; resume needs MLflow's variables."""
     import cxrtune.search.cli as cli
     import cxrtune.search.sweep as sweep
     from cxrtune.search.config import load_sweep_config, write_sweep_config
@@ -186,9 +190,18 @@ def test_resume_does_not_log_to_mlflow_through_a_redacted_uri(
     monkeypatch.setattr(
         cli, "finish_with_leaderboard", lambda _, uri, **__: given.append(uri) or EXIT_OK
     )
+    if password_set:
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     main(["resume", str(tmp_path), "--address", "unused"])
-    assert given == [None]
-    assert "not logged to MLflow" in capsys.readouterr().err
+    if password_set:
+        assert given == ["http://127.0.0.1:5000"]
+    else:
+        assert given == [None]
+        assert (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in capsys.readouterr().err
+        )
 
 
 @pytest.fixture(scope="module")
