@@ -1,10 +1,11 @@
 """The places on this machine that a command writes to, checked before it does any work.
 
 Every output option (``predict --csv`` and ``--gradcam``, ``report --out``,
-``export --out``, a local ``storage_path``) goes through ``writable_folder``,
-``writable_file`` or ``writable_parent`` first: missing parent folders are
-created, and a file in the way or a place that refuses writes stops the command
-at once, naming the option and the path, instead of after minutes of work.
+``export --out``, a local ``storage_path``, the folder of ``data synth``) goes
+through ``writable_folder``, ``writable_file`` or ``writable_parent`` first:
+missing parent folders are created, and a file in the way or a place that
+refuses writes stops the command at once, naming the option and the path,
+instead of after minutes of work.
 """
 
 from __future__ import annotations

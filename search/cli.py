@@ -364,8 +364,10 @@ def run_predict_command(args: argparse.Namespace) -> int:
 def run_synth_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cxrtune.analysis.outputs import writable_folder
     from cxrtune.trainables.synthetic import write_synthetic_dataset
 
+    writable_folder(args.directory, option="data synth")
     with tqdm(total=args.n, desc="Writing synthetic images", unit="img", file=sys.stderr) as bar:
         counts = write_synthetic_dataset(
             args.directory,

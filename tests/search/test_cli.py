@@ -73,6 +73,15 @@ def test_data_synth_writes_a_labelled_synthetic_dataset(
     assert (target / "SYNTHETIC.txt").is_file()
 
 
+def test_data_synth_refuses_a_folder_it_cannot_write_naming_it(tmp_path: Path) -> None:
+    """Item 13: the output folder of `data synth` is checked like every other output."""
+    (tmp_path / "blocker").write_text("a file")
+    result = run_cli("data", "synth", str(tmp_path / "blocker" / "sub"), "--n", "40")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"{tmp_path / 'blocker'} is a file, not a folder" in result.stderr
+    assert "Writing synthetic images" not in result.stderr
+
+
 def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     result = run_cli("data", "synth", str(tmp_path), "--n", "40")
