@@ -73,13 +73,16 @@ def test_data_synth_writes_a_labelled_synthetic_dataset(
     assert (target / "SYNTHETIC.txt").is_file()
 
 
-def test_data_synth_refuses_a_folder_it_cannot_write_naming_it(tmp_path: Path) -> None:
+def test_data_synth_refuses_a_folder_it_cannot_write_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Item 13: the output folder of `data synth` is checked like every other output."""
     (tmp_path / "blocker").write_text("a file")
-    result = run_cli("data", "synth", str(tmp_path / "blocker" / "sub"), "--n", "40")
-    assert result.returncode == EXIT_BAD_INPUT
-    assert f"{tmp_path / 'blocker'} is a file, not a folder" in result.stderr
-    assert "Writing synthetic images" not in result.stderr
+    target = tmp_path / "blocker" / "sub"
+    assert main(["data", "synth", str(target), "--n", "40"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"data synth {target}: cannot write there, {tmp_path / 'blocker'} is a file" in error
+    assert "Writing synthetic images" not in error
 
 
 def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
@@ -151,32 +154,34 @@ def test_sweep_options_reach_the_config_literally(
 
 
 def test_a_sweep_of_a_missing_folder_named_null_is_refused_not_the_synthetic_set(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Item 3: `--data null` names a folder called null; it never means "no data"."""
     monkeypatch.chdir(tmp_path)
-    result = run_cli("sweep", "--data", "null", "--set", f"storage_path={tmp_path / 'out'}")
-    assert result.returncode == EXIT_BAD_INPUT
-    assert f"dataset not found: {tmp_path / 'null'}" in result.stderr
-    assert "SYNTHETIC" not in result.stdout and "Traceback" not in result.stderr
+    storage = f"storage_path={tmp_path / 'out'}"
+    assert main(["sweep", "--data", "null", "--set", storage]) == EXIT_BAD_INPUT
+    output = capsys.readouterr()
+    assert f"dataset not found: {tmp_path / 'null'}" in output.err
+    assert "synthetic" not in (output.out + output.err).lower()
 
 
 def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
-    make_image_folder: Callable[..., Path], tmp_path: Path
+    make_image_folder: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Item 3: such a folder is read by `data inspect` and by a sweep's --data."""
     root = make_image_folder({"COVID": 4, "Normal": 6}, root=tmp_path / AWKWARD_FOLDER)
-    inspect = run_cli("data", "inspect", str(root))
+    inspect = run_cli("data", "inspect", str(root))  # the name goes through a real argv
     assert inspect.returncode == EXIT_OK, inspect.stderr
     assert "COVID: 4" in inspect.stdout and AWKWARD_FOLDER in inspect.stdout
     no_covid = make_image_folder(
         {"Normal": 10, "Pneumonia": 10}, root=tmp_path / "b" / "#1: Zürich"
     )
-    sweep = run_cli("sweep", "--data", str(no_covid), "--set", f"storage_path={tmp_path / 'out'}")
+    storage = f"storage_path={tmp_path / 'out'}"
+    assert main(["sweep", "--data", str(no_covid), "--set", storage]) == EXIT_BAD_INPUT
     # Refused only after ingest read the folder and found its classes.
-    assert sweep.returncode == EXIT_BAD_INPUT
-    assert "no class matches the positive class 'COVID'" in sweep.stderr
-    assert "classes: ['Normal', 'Pneumonia']" in sweep.stderr
+    error = capsys.readouterr().err
+    assert "no class matches the positive class 'COVID'" in error
+    assert "classes: ['Normal', 'Pneumonia']" in error
 
 
 @pytest.mark.parametrize("password_set", [False, True])
@@ -296,7 +301,7 @@ def test_an_output_that_cannot_be_written_stops_the_command_before_any_work(
 
 @pytest.mark.parametrize("place", ["missing parents", "file in the way", "refuses writes"])
 def test_a_local_storage_path_is_created_or_refused_before_any_data_work(
-    place: str, tmp_path: Path
+    place: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Item 13: storage_path is checked like every other output, before decoding any image."""
     from cxrtune.search.config import load_sweep_config
@@ -313,26 +318,24 @@ def test_a_local_storage_path_is_created_or_refused_before_any_data_work(
         storage = tmp_path / "blocker" / "results"
     else:
         storage = Path("/proc/cxrtune-output-check")
-    result = run_cli("sweep", "--set", f"storage_path={storage}", "--set", "image_size=32")
-    assert result.returncode == EXIT_BAD_INPUT
-    assert f"cxrtune: error: storage_path {storage}: " in result.stderr
-    assert "Decoding images" not in result.stderr and "Traceback" not in result.stderr
+    assert main(["sweep", "--set", f"storage_path={storage}"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"cxrtune: error: storage_path {storage}: " in error
+    assert "Decoding images" not in error
 
 
 def test_a_manifest_split_that_leaks_a_duplicate_stops_inspect_and_sweep_naming_both(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Item 4: exit 2 with both paths; --drop-conflicting-duplicates leaves both copies out."""
     from tests.trainables.test_ingest import manifest_with_a_copy_across_splits
 
     manifest = manifest_with_a_copy_across_splits(tmp_path / "data")
-    inspect = run_cli("data", "inspect", str(manifest))
-    sweep = run_cli("sweep", "--data", str(manifest), "--set", f"storage_path={tmp_path / 'out'}")
-    for result in (inspect, sweep):
-        assert result.returncode == EXIT_BAD_INPUT
-        assert "train/0.png (train) == test/copy.png (test)" in result.stderr
-        assert "Traceback" not in result.stderr
-    dropped = run_cli("data", "inspect", str(manifest), "--drop-conflicting-duplicates")
-    assert dropped.returncode == EXIT_OK, dropped.stderr
-    assert "Images in two splits of the manifest: 1" in dropped.stdout
-    assert "dropped: 2 images" in dropped.stdout
+    storage = f"storage_path={tmp_path / 'out'}"
+    for argv in (["data", "inspect"], ["sweep", "--set", storage, "--data"]):
+        assert main([*argv, str(manifest)]) == EXIT_BAD_INPUT
+        assert "train/0.png (train) == test/copy.png (test)" in capsys.readouterr().err
+    assert main(["data", "inspect", str(manifest), "--drop-conflicting-duplicates"]) == EXIT_OK
+    report = capsys.readouterr().out
+    assert "Images in two splits of the manifest: 1" in report
+    assert "dropped: 2 images" in report
