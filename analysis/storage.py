@@ -92,8 +92,7 @@ def redacted(uri: str) -> str:
 
 
 def has_credentials(uri: str) -> bool:
-    """Whether ``uri`` carries keys itself (see ``redacted``) instead of leaving them to the
-    credential chain."""
+    """Whether ``uri`` holds keys itself (see ``redacted``), not leaving them to the chain."""
     return redacted(uri) != uri
 
 
@@ -228,7 +227,7 @@ class RemoteDir:
             if reason := unsafe_path_reason(remote.relative_path, folders=True):
                 raise StorageError(
                     f"refusing the key {prefix + remote.relative_path!r} in {self.display}: "
-                    f"below the folder it {reason}, so a local copy could land outside it"
+                    f"its path below the folder {reason}, so a local copy could land elsewhere"
                 )
         return files
 
