@@ -81,7 +81,7 @@ class DatasetInfo:
     groups: int = 0  # groups split as units (patients or sources, joined by duplicates)
     duplicate_images: int = 0  # images whose exact content occurs more than once
     skipped_images: int = 0  # unreadable files left out
-    dropped_images: int = 0  # images left out for carrying two labels
+    dropped_images: int = 0  # images left out for carrying two labels or two splits
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")

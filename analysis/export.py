@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrtune.analysis.experiment import Experiment, read_experiment
+from cxrtune.analysis.experiment import RESULTS_FILE, Experiment, read_experiment
 from cxrtune.analysis.leaderboard import (
     DEFAULT_TARGET_SPECIFICITY,
     TEST_COLUMNS,
@@ -47,6 +47,7 @@ from cxrtune.analysis.leaderboard import (
     build_leaderboard,
     ensemble_metrics,
 )
+from cxrtune.analysis.storage import unsafe_path_reason
 from cxrtune.trainables.checkpoints import NOT_TENSORS, model_from_checkpoint
 from cxrtune.trainables.config import ConfigError, TrialConfig
 from cxrtune.trainables.engine import evaluate
@@ -196,6 +197,12 @@ def _describe(
         checkpoint = leaderboard.checkpoints.get(trial_id)
         if checkpoint is None or not checkpoint.is_dir():
             raise ExportError(f"trial {trial_id} has no kept checkpoint to export")
+        if reason := unsafe_path_reason(trial_id, folders=False):
+            # The id comes from the trial's result.json and names a file of the export.
+            raise ExportError(
+                f"refusing trial id {trial_id!r} of {checkpoint.parent / RESULTS_FILE}: "
+                f"it {reason}, so it cannot name a file in the export folder"
+            )
         model, config, state = model_from_checkpoint(checkpoint)
         if list(state["class_names"]) != list(info.class_names):
             raise ExportError(

@@ -10,13 +10,16 @@ extra (``pip install 'cxrtune[mlflow]'``) and is imported only here, when used.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 
 from cxrtune.analysis.experiment import LEADERBOARD_CSV, ExperimentError, read_experiment
 from cxrtune.analysis.leaderboard import build_leaderboard
+from cxrtune.analysis.storage import redacted
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MODEL_ARTIFACT",
     "MLflowError",
+    "credentials_to_environment",
     "find_trial_run",
     "log_top_models",
     "tracking_client",
@@ -53,7 +57,25 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
     try:
         return MlflowClient(tracking_uri=tracking_uri)
     except MlflowException as error:
-        raise MLflowError(f"MLflow refuses {tracking_uri!r}: {error.message}") from error
+        raise MLflowError(f"MLflow refuses {redacted(tracking_uri)!r}: {error.message}") from error
+
+
+def credentials_to_environment(tracking_uri: str) -> str:
+    """``tracking_uri`` without its user-info, which goes to this process's environment.
+
+    A user name and password written into the URI (``http://user:password@host``) are
+    set as ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, which MLflow
+    reads for every request. Ray pickles the sweep's MLflow callback into the
+    experiment dir (``tuner.pkl``): given the URI this returns, it holds no secret.
+    """
+    parts = urlsplit(tracking_uri)
+    if "@" not in parts.netloc:
+        return tracking_uri
+    user_info, _, host = parts.netloc.rpartition("@")
+    user, _, password = user_info.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def find_trial_run(client: MlflowClient, experiment_id: str, trial_id: str) -> str | None:
@@ -92,7 +114,9 @@ def log_top_models(experiment_dir: str | Path, mlflow_uri: str, top: int = 3) ->
     client = tracking_client(mlflow_uri)
     experiment = client.get_experiment_by_name(directory.name)
     if experiment is None:
-        raise MLflowError(f"{mlflow_uri} has no MLflow experiment named {directory.name!r}")
+        raise MLflowError(
+            f"{redacted(mlflow_uri)} has no MLflow experiment named {directory.name!r}"
+        )
     logged: dict[str, str] = {}
     chosen = ranked.head(top)
     for trial_id, rank in zip(chosen["trial_id"].tolist(), chosen["rank"].tolist(), strict=True):
@@ -102,8 +126,8 @@ def log_top_models(experiment_dir: str | Path, mlflow_uri: str, top: int = 3) ->
         run_id = find_trial_run(client, experiment.experiment_id, trial_id)
         if run_id is None:
             raise MLflowError(
-                f"MLflow experiment {directory.name!r} at {mlflow_uri} has no run of trial "
-                f"{trial_id}; was the sweep run with this mlflow_uri?"
+                f"MLflow experiment {directory.name!r} at {redacted(mlflow_uri)} has no run of "
+                f"trial {trial_id}; was the sweep run with this mlflow_uri?"
             )
         client.log_artifacts(run_id, str(checkpoint), artifact_path=MODEL_ARTIFACT)
         client.set_tag(run_id, RANK_TAG, str(rank))

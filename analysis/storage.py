@@ -31,18 +31,24 @@ import pyarrow
 import pyarrow.fs
 
 __all__ = [
+    "REDACTED_KEYS",
     "RemoteDir",
     "RemoteFile",
     "StorageError",
     "driver_files_dir",
+    "has_credentials",
     "is_remote",
     "joined",
     "mirror_dir",
     "redacted",
     "remote_cache_dir",
+    "unsafe_path_reason",
 ]
 
 SUPPORTED_SCHEMES = ("s3",)
+# Query parameters of pyarrow's S3 URIs that hold keys.
+KEY_PARAMETERS = ("access_key", "secret_key", "session_token")
+REDACTED_KEYS = "***"  # what ``redacted`` shows in place of keys
 WRITE_CHECK_FILE = ".cxrtune-write-check"
 CHECKLIST = (
     "check that the bucket exists, that the credentials (AWS_ACCESS_KEY_ID and "
@@ -62,14 +68,53 @@ def is_remote(location: str | Path) -> bool:
 
 
 def redacted(uri: str) -> str:
-    """``uri`` with any keys written into it (``s3://KEY:SECRET@bucket``) shown as ``***``.
+    """``uri`` with any keys written into it shown as ``***``, for messages and written files.
 
-    A local path is given back as it is.
+    The user-info part (``s3://KEY:SECRET@bucket``, ``http://user:password@host``) and
+    pyarrow's key parameters (``?access_key=...&secret_key=...``) are hidden. A local
+    path is given back as it is.
     """
-    parts = urlsplit(uri)
-    if not is_remote(uri) or "@" not in parts.netloc:
+    if not is_remote(uri):
         return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    original = parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc=f"{REDACTED_KEYS}@" + parts.netloc.rpartition("@")[2])
+    if parts.query:
+        fields = [field.partition("=") for field in parts.query.split("&")]
+        parts = parts._replace(
+            query="&".join(
+                f"{name}{equals}{REDACTED_KEYS if name in KEY_PARAMETERS else value}"
+                for name, equals, value in fields
+            )
+        )
+    # Rebuilt only when changed: urlunsplit would turn sqlite:///x into sqlite:/x.
+    return uri if parts == original else urlunsplit(parts)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` holds keys itself (see ``redacted``), not leaving them to the chain."""
+    return redacted(uri) != uri
+
+
+def unsafe_path_reason(path: str, *, folders: bool) -> str | None:
+    """Why ``path``, read from storage, must not be joined to a local folder; ``None`` if safe.
+
+    Safe is relative, with no empty, ``.`` or ``..`` part and no backslash, and with no
+    ``/`` at all unless ``folders``: a bucket key or a trial id can then never name a
+    file outside the folder it is written into.
+    """
+    if not path:
+        return "is empty"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if "\\" in path or "\0" in path:
+        return "holds a backslash or a NUL character"
+    parts = path.split("/")
+    if not folders and len(parts) > 1:
+        return "holds a path separator"
+    if any(part in ("", ".", "..") for part in parts):
+        return "holds an empty, '.' or '..' part"
+    return None
 
 
 def joined(location: str | Path, relative_path: str) -> str:
@@ -170,13 +215,21 @@ class RemoteDir:
         with self._reporting("list"):
             infos = self.filesystem.get_file_info(selector)
         prefix = self.path + "/"
-        return [
+        files = [
             RemoteFile(
                 relative_path=info.path.removeprefix(prefix), size=info.size, mtime_ns=info.mtime_ns
             )
             for info in infos
             if info.type == pyarrow.fs.FileType.File
         ]
+        for remote in files:
+            # Each file may be copied to local_dir / relative_path: that must stay in local_dir.
+            if reason := unsafe_path_reason(remote.relative_path, folders=True):
+                raise StorageError(
+                    f"refusing the key {prefix + remote.relative_path!r} in {self.display}: "
+                    f"its path below the folder {reason}, so a local copy could land elsewhere"
+                )
+        return files
 
     def check_writable(self) -> None:
         """Write and delete a small file here, so a store that refuses fails before any work.

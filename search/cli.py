@@ -9,9 +9,11 @@ interrupted. Heavy libraries are imported inside the commands, so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_NO_RESULTS = 1
@@ -181,22 +183,23 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drop-conflicting-duplicates",
         action="store_true",
-        help="leave out every copy of an image found under two labels instead of stopping",
+        help="leave out every copy of an image found under two labels, or in two splits of a "
+        "manifest, instead of stopping",
     )
 
 
-def ingest_overrides(args: argparse.Namespace) -> list[str]:
-    """The ingest options given on the command line, as sweep-file overrides."""
-    overrides = []
-    if args.layout:
-        overrides.append(f"layout={args.layout}")
-    if args.group_by:
-        overrides.append(f"group_by={args.group_by}")
+def ingest_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ingest options given on the command line, as sweep-file keys and literal values."""
+    settings: dict[str, Any] = {}
+    if args.layout is not None:
+        settings["layout"] = args.layout
+    if args.group_by is not None:
+        settings["group_by"] = args.group_by
     if args.skip_bad_images:
-        overrides.append("skip_bad_images=true")
+        settings["skip_bad_images"] = True
     if args.drop_conflicting_duplicates:
-        overrides.append("drop_conflicting_duplicates=true")
-    return overrides
+        settings["drop_conflicting_duplicates"] = True
+    return settings
 
 
 def run_inspect_command(args: argparse.Namespace) -> int:
@@ -204,7 +207,7 @@ def run_inspect_command(args: argparse.Namespace) -> int:
     from cxrtune.search.sweep import ingest_with_progress
     from cxrtune.trainables.data import DataError
 
-    config = load_sweep_config(None, [*ingest_overrides(args), f"image_size={args.size}"])
+    config = load_sweep_config(None, settings={**ingest_settings(args), "image_size": args.size})
     try:
         _, report, cache_path, _ = ingest_with_progress(config, args.data)
     except DataError as error:
@@ -219,24 +222,38 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import run_sweep
 
-    overrides = list(args.overrides) + ingest_overrides(args)
+    # Only --set values are YAML; an option's value is taken literally ("ward #2", "2024").
+    settings = ingest_settings(args)
     if args.data is not None:
-        overrides.append(f"data={args.data}")
+        settings["data"] = args.data
     if args.mlflow_uri is not None:
-        overrides.append(f"mlflow_uri={args.mlflow_uri}")
-    config = load_sweep_config(args.sweep_file, overrides)
+        settings["mlflow_uri"] = args.mlflow_uri
+    config = load_sweep_config(args.sweep_file, args.overrides, settings)
     outcome = run_sweep(config, name=args.name, address=args.address)
     return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
 
 
 def run_resume_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import SWEEP_FILE
+    from cxrtune.analysis.storage import REDACTED_KEYS
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.sweep import resume_sweep
 
     outcome = resume_sweep(args.experiment_dir, address=args.address)
     config = load_sweep_config(outcome.experiment_dir / SWEEP_FILE)
-    return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
+    mlflow_uri = config.mlflow_uri
+    if mlflow_uri and f"{REDACTED_KEYS}@" in mlflow_uri:
+        # The resumed trials log through the URI without its keys, as the sweep left it.
+        mlflow_uri = mlflow_uri.replace(f"{REDACTED_KEYS}@", "", 1)
+        if "MLFLOW_TRACKING_PASSWORD" not in os.environ:
+            print(
+                "The sweep's mlflow_uri carried keys, which the experiment dir does not keep: "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to log to MLflow; "
+                "the top models are not logged",
+                file=sys.stderr,
+            )
+            mlflow_uri = None
+    return finish_with_leaderboard(outcome.experiment_dir, mlflow_uri, top=args.top)
 
 
 def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, *, top: int) -> int:
@@ -250,7 +267,7 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
         format_leaderboard,
         write_leaderboard,
     )
-    from cxrtune.analysis.storage import joined
+    from cxrtune.analysis.storage import joined, redacted
 
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
     with local_experiment_dir(experiment_dir) as local_dir:
@@ -262,7 +279,7 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
             from cxrtune.analysis.mlflow_export import log_top_models
 
             logged = log_top_models(local_dir, mlflow_uri)
-            print(f"The top {len(logged)} models were logged to MLflow at {mlflow_uri}")
+            print(f"The top {len(logged)} models were logged to MLflow at {redacted(mlflow_uri)}")
     written = joined(experiment_dir, "leaderboard.csv")
     print(f"\nLeaderboard written to {written} and leaderboard.md")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
@@ -290,8 +307,11 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
 def run_report_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.html_report import write_report
+    from cxrtune.analysis.outputs import writable_folder
     from cxrtune.analysis.storage import is_remote, joined
 
+    if args.out is not None:
+        writable_folder(args.out, option="--out")
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         html = write_report(experiment_dir, top=args.top, out_dir=args.out)
     written = str(html)
@@ -304,7 +324,9 @@ def run_report_command(args: argparse.Namespace) -> int:
 def run_export_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.export import export_model
+    from cxrtune.analysis.outputs import writable_parent
 
+    writable_parent(args.out, option="--out")
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         out = export_model(
             experiment_dir, args.out, trial_id=args.trial, rank=args.rank, ensemble=args.ensemble
@@ -317,8 +339,13 @@ def run_predict_command(args: argparse.Namespace) -> int:
     """Exit 0 when every input was classified, 2 when some could not be read."""
     from cxrtune.analysis.export import load_exported
     from cxrtune.analysis.gradcam import write_gradcam_overlays
+    from cxrtune.analysis.outputs import writable_file, writable_folder
     from cxrtune.analysis.predict import predict_paths
 
+    if args.csv:
+        writable_file(args.csv, option="--csv")
+    if args.gradcam:
+        writable_folder(args.gradcam, option="--gradcam")
     model = load_exported(args.model_dir)
     table, bad_files = predict_paths(model, args.inputs)
     if len(table):
@@ -337,8 +364,10 @@ def run_predict_command(args: argparse.Namespace) -> int:
 def run_synth_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cxrtune.analysis.outputs import writable_folder
     from cxrtune.trainables.synthetic import write_synthetic_dataset
 
+    writable_folder(args.directory, option="data synth")
     with tqdm(total=args.n, desc="Writing synthetic images", unit="img", file=sys.stderr) as bar:
         counts = write_synthetic_dataset(
             args.directory,
@@ -355,6 +384,7 @@ def run_synth_command(args: argparse.Namespace) -> int:
 def _input_error_types() -> tuple[type[BaseException], ...]:
     from cxrtune.analysis.experiment import ExperimentError
     from cxrtune.analysis.export import ExportError
+    from cxrtune.analysis.outputs import OutputError
     from cxrtune.analysis.storage import StorageError
     from cxrtune.search.config import SweepConfigError
     from cxrtune.trainables.config import ConfigError
@@ -367,6 +397,7 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
         DataError,
         ExperimentError,
         ExportError,
+        OutputError,
         StorageError,
         WeightsUnavailableError,
         FileNotFoundError,

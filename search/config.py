@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from cxrtune.analysis.storage import has_credentials, is_remote, redacted
 from cxrtune.spaces import FAMILIES, get_space
 from cxrtune.trainables.layouts import LAYOUTS
 
@@ -94,7 +95,8 @@ class SweepConfig:
     skip_bad_images: bool = (
         False  # skip unreadable images (listed in the report) instead of stopping
     )
-    drop_conflicting_duplicates: bool = False  # drop an image found under two labels, not stop
+    # drop an image found under two labels or in two splits of a manifest, not stop
+    drop_conflicting_duplicates: bool = False
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked
@@ -177,6 +179,14 @@ class SweepConfig:
             raise SweepConfigError("target_specificity: must be in (0, 1)")
         if self.bootstrap_resamples < 1000:
             raise SweepConfigError("bootstrap_resamples: must be at least 1000")
+        if is_remote(self.storage_path) and has_credentials(self.storage_path):
+            # Written into sweep.yaml, uploaded with it, and handed to every Ray node.
+            raise SweepConfigError(
+                f"storage_path: {redacted(self.storage_path)} carries credentials in the URI; "
+                "remove them and give them through the AWS credential chain instead "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an "
+                "instance role)"
+            )
         if self.max_failures < 0:
             raise SweepConfigError(f"max_failures: must be 0 or more, got {self.max_failures}")
         try:
@@ -200,11 +210,17 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
 
-def load_sweep_config(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep file (``None`` = all defaults) and apply ``key=value`` overrides.
+def load_sweep_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> SweepConfig:
+    """Read a sweep file (``None`` = all defaults), apply ``key=value`` overrides, then settings.
 
     Override keys may be dotted (``resources.vgg16.gpus=1``); values are parsed
-    as YAML (``families=[vgg16]``, ``data=null``).
+    as YAML (``families=[vgg16]``, ``data=null``). ``settings`` maps dotted keys
+    to values taken as they are, never parsed: a command-line option such as
+    ``--data "/scans/ward #2"`` means that exact string.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -225,6 +241,8 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None = Non
         if not separator or not key:
             raise SweepConfigError(f"--set expects key=value, got {override!r}")
         _set_dotted(values, key.strip(), yaml.safe_load(raw))
+    for key, value in (settings or {}).items():
+        _set_dotted(values, key, value)
     return from_mapping(SweepConfig, values)
 
 
@@ -304,5 +322,12 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
 
 
 def write_sweep_config(config: SweepConfig, path: Path) -> None:
-    """Write the resolved config as YAML (every key, defaults included)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (every key, defaults included).
+
+    Keys written into a URI (``http://user:password@host``) are written as ``***``.
+    """
+    values = config.to_dict()
+    for key in ("storage_path", "mlflow_uri"):
+        if values[key] is not None:
+            values[key] = redacted(values[key])
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -29,6 +29,7 @@ from cxrtune.analysis.experiment import (
     SWEEP_FILE,
     DatasetInfo,
 )
+from cxrtune.analysis.outputs import writable_folder
 from cxrtune.analysis.storage import RemoteDir, driver_files_dir, is_remote, redacted
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.search.ray_environment import (
@@ -163,7 +164,8 @@ def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | st
 
     Under an ``s3://`` storage path the dir is a URI, and the store is checked to
     take writes now, so a missing bucket, missing credentials or an unreachable
-    endpoint fail before any data work.
+    endpoint fail before any data work. A local storage path is created and checked
+    the same way (``OutputError``).
     """
     if name is None:
         name = f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -175,9 +177,9 @@ def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | st
             )
         experiment.check_writable()
         return experiment.uri, name
-    storage = Path(config.storage_path).expanduser().resolve()
+    storage = writable_folder(config.storage_path, option="storage_path").resolve()
     directory = storage / name
-    if directory.exists() and any(directory.iterdir()):
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise SweepConfigError(f"experiment dir {directory} already exists; choose another --name")
     return directory, name
 

@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
+from cxrtune.analysis.mlflow_export import credentials_to_environment
 from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, is_remote
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
@@ -276,7 +277,9 @@ def mlflow_callback(tracking_uri: str, experiment_name: str) -> tune.Callback:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     return MLflowLoggerCallback(
-        tracking_uri=tracking_uri, experiment_name=experiment_name, save_artifact=False
+        tracking_uri=credentials_to_environment(tracking_uri),
+        experiment_name=experiment_name,
+        save_artifact=False,
     )
 
 
@@ -377,8 +380,8 @@ def build_tuner(
         journal = driver_files_dir(experiment) / OPTUNA_JOURNAL
         journal.parent.mkdir(parents=True, exist_ok=True)
         callbacks.append(JournalUpload(journal, experiment))
-        # Ray takes the bare path with the filesystem: the endpoint and any keys written
-        # into the URI reach the trials inside the pickled filesystem, not in messages.
+        # Ray takes the bare path with the filesystem: an endpoint written into the URI
+        # reaches the trials inside the pickled filesystem (keys in the URI are refused).
         storage_path, storage_filesystem = storage.path, storage.filesystem
     return tune.Tuner(
         trainable,

@@ -108,6 +108,8 @@ class IngestReport:
     duplicate_sets: int = 0  # contents that occur more than once
     duplicate_images: int = 0  # images in those sets
     conflicts: list[list[str]] = field(default_factory=list)  # "path (label)" per shared content
+    # "path (split)" per content a manifest's own split column puts in two splits
+    split_conflicts: list[list[str]] = field(default_factory=list)
     dropped_conflicting: int = 0
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     skipped: int = 0
@@ -137,8 +139,11 @@ class IngestReport:
         if self.conflicts:
             lines.append(f"Images under two labels: {len(self.conflicts)}")
             lines += [f"  {' == '.join(paths)}" for paths in self.conflicts]
-            if self.dropped_conflicting:
-                lines.append(f"  dropped: {self.dropped_conflicting} images")
+        if self.split_conflicts:
+            lines.append(f"Images in two splits of the manifest: {len(self.split_conflicts)}")
+            lines += [f"  {' == '.join(paths)}" for paths in self.split_conflicts]
+        if self.dropped_conflicting:
+            lines.append(f"  dropped: {self.dropped_conflicting} images")
         if self.bad_files:
             verb = "skipped" if self.skipped else "refused"
             lines.append(f"Unreadable files ({verb}): {len(self.bad_files)}")
@@ -401,31 +406,65 @@ def _relative(path: Path, base: Path) -> str:
         return path.as_posix()
 
 
-def _apply_duplicate_policy(dataset: Dataset, report: IngestReport, drop: bool) -> Dataset:
-    """Count exact duplicates; refuse (or drop) contents that carry two labels."""
+def repeated_contents(dataset: Dataset) -> list[list[int]]:
+    """The indices of the copies of each content (content hash) found more than once."""
     by_hash: dict[str, list[int]] = defaultdict(list)
     for index, digest in enumerate(dataset.hashes):
         by_hash[digest].append(index)
-    repeated = [indices for indices in by_hash.values() if len(indices) > 1]
+    return [indices for indices in by_hash.values() if len(indices) > 1]
+
+
+def contents_in_two_splits(dataset: Dataset) -> list[list[int]]:
+    """The copies of each content that a manifest's own ``split`` column puts in two splits."""
+    return [
+        indices
+        for indices in repeated_contents(dataset)
+        if len({dataset.fixed_splits[i] for i in indices} - {""}) > 1
+    ]
+
+
+def _apply_duplicate_policy(dataset: Dataset, report: IngestReport, drop: bool) -> Dataset:
+    """Count exact duplicates; refuse (or drop) contents that carry two labels or two splits.
+
+    Two splits come from a manifest's own ``split`` column: kept, one image would be
+    trained on and tested on.
+    """
+    repeated = repeated_contents(dataset)
     report.duplicate_sets = len(repeated)
     report.duplicate_images = sum(len(indices) for indices in repeated)
     conflicting = [
         indices for indices in repeated if len({int(dataset.labels[i]) for i in indices}) > 1
     ]
+    in_two_splits = contents_in_two_splits(dataset)
     report.conflicts = [
         [f"{dataset.paths[i]} ({dataset.class_names[dataset.labels[i]]})" for i in indices]
         for indices in conflicting
     ]
-    if not conflicting:
+    report.split_conflicts = [
+        [f"{dataset.paths[i]} ({dataset.fixed_splits[i]})" for i in indices]
+        for indices in in_two_splits
+    ]
+    if not conflicting and not in_two_splits:
         return dataset
     if not drop:
-        pairs = "\n  ".join(" == ".join(paths) for paths in report.conflicts)
+        problems, fixes = [], []
+        if conflicting:
+            pairs = "\n  ".join(" == ".join(paths) for paths in report.conflicts)
+            problems.append(f"{len(conflicting)} image(s) appear under two labels:\n  {pairs}")
+            fixes.append("the labels")
+        if in_two_splits:
+            pairs = "\n  ".join(" == ".join(paths) for paths in report.split_conflicts)
+            problems.append(
+                f"{len(in_two_splits)} image(s) appear in two splits of the manifest's split "
+                f"column:\n  {pairs}"
+            )
+            fixes.append("the split column")
         raise DataError(
-            f"{len(conflicting)} image(s) appear under two labels:\n  {pairs}\n"
-            "Fix the labels, or pass --drop-conflicting-duplicates to leave all copies out."
+            "\n".join(problems) + f"\nFix {' and '.join(fixes)}, or pass "
+            "--drop-conflicting-duplicates to leave all copies out."
         )
     keep = np.ones(len(dataset.labels), dtype=bool)
-    for indices in conflicting:
+    for indices in conflicting + in_two_splits:
         keep[indices] = False
     report.dropped_conflicting = int((~keep).sum())
     return dataset.select(keep)

@@ -16,7 +16,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from cxrtune.trainables.data import DataError, Dataset
+from cxrtune.trainables.data import DataError, Dataset, contents_in_two_splits
 
 SPLITS = ("train", "val", "test")
 GROUPINGS = ("patient", "source", "none")
@@ -137,7 +137,7 @@ def make_splits(
     """The train / val / test split of a sweep: fixed by the dataset, grouped, or stratified.
 
     A split the dataset fixes (a manifest's ``split`` column) is used as is, after
-    checking no patient crosses it. Otherwise no group (see ``group_ids``)
+    checking that no patient and no image content crosses it. Otherwise no group (see ``group_ids``)
     crosses splits. Every class needs at least ``MIN_IMAGES_PER_SPLIT`` images in
     every split.
     """
@@ -173,6 +173,16 @@ def _fixed_splits(dataset: Dataset) -> SplitIndices:
     if crossing:
         shown = "; ".join(crossing[:10])
         raise DataError(f"{len(crossing)} patient(s) appear in more than one split: {shown}")
+    leaking = contents_in_two_splits(dataset)
+    if leaking:
+        shown = "; ".join(
+            " == ".join(f"{dataset.paths[i]} ({fixed[i]})" for i in indices)
+            for indices in leaking[:10]
+        )
+        raise DataError(
+            f"{len(leaking)} image(s) appear in more than one split: {shown}; fix the split "
+            "column, or pass --drop-conflicting-duplicates to leave all copies out"
+        )
     return SplitIndices(**{split: np.flatnonzero(fixed == split) for split in SPLITS})
 
 

@@ -239,3 +239,24 @@ def test_a_null_threshold_means_no_image_is_called_positive(exported: Path, tmp_
     assert model.threshold == math.inf
     probabilities = model.predict_proba(np.zeros((1, 1, SIZE, SIZE), dtype=np.uint8))
     assert not (probabilities[:, model.positive_index] >= model.threshold).any()
+
+
+@pytest.mark.parametrize("crafted", ["../../escaped", "/tmp/escaped", "sub/escaped", ".."])
+def test_a_trial_id_that_is_a_path_is_refused_naming_it(
+    built: tuple[Path, Leaderboard], tmp_path: Path, crafted: str
+) -> None:
+    """Item 7: the id from result.json names the weights file; it must not leave the folder."""
+    import shutil
+
+    from cxrtune.search.cli import EXIT_BAD_INPUT, main
+
+    experiment = shutil.copytree(built[0], tmp_path / "experiment")
+    results = experiment / "t1_baseline_cnn" / "result.json"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    results.write_text("".join(json.dumps({**row, "trial_id": crafted}) + "\n" for row in rows))
+    with pytest.raises(ExportError, match=f"refusing trial id {crafted!r} of .*result.json"):
+        export_model(experiment, tmp_path / "model", trial_id=crafted)
+    out = tmp_path / "deep" / "er" / "model"
+    assert main(["export", str(experiment), "--trial", crafted, "--out", str(out)]) == 2
+    assert EXIT_BAD_INPUT == 2 and not out.exists()
+    assert not list(tmp_path.rglob("escaped.pt")) and not Path("/tmp/escaped.pt").exists()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from cxrtune.analysis.storage import (
     RemoteDir,
     StorageError,
     driver_files_dir,
+    has_credentials,
     is_remote,
     joined,
     mirror_dir,
@@ -49,6 +51,16 @@ def test_keys_in_a_uri_are_redacted_and_the_rest_kept() -> None:
     assert redacted(uri) == "s3://***@bucket/p?endpoint_override=127.0.0.1:9000&scheme=http"
     assert redacted("s3://bucket/p") == "s3://bucket/p"
     assert redacted("/data/user@host/a") == "/data/user@host/a"
+
+
+def test_keys_in_a_uri_query_or_an_http_uri_are_redacted_too() -> None:
+    """Item 6: every place keys can sit in a URI is hidden when shown or written."""
+    uri = "s3://bucket/p?access_key=AKEY&secret_key=SECRET&session_token=TOKEN&region=eu"
+    shown = "s3://bucket/p?access_key=***&secret_key=***&session_token=***&region=eu"
+    assert redacted(uri) == shown and has_credentials(uri)
+    assert redacted("http://user:SECRET@mlflow.local:5000/") == "http://***@mlflow.local:5000/"
+    assert not has_credentials("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert not has_credentials("sqlite:///mlflow.db")
 
 
 def test_a_file_under_a_uri_goes_before_its_query() -> None:
@@ -156,3 +168,30 @@ def test_credentials_the_store_refuses_fail_the_write_check_naming_the_uri(
 def test_a_uri_pyarrow_cannot_take_is_an_error_naming_it(s3_environment: S3Server) -> None:
     with pytest.raises(StorageError, match=r"cannot open s3://bucket/results\?colour=blue: "):
         RemoteDir.open("s3://bucket/results?colour=blue")
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    ["../../escaped.json", "t1/../../../escaped.json", "/escaped.json", "./t1/escaped.json"],
+)
+def test_a_bucket_key_that_would_leave_the_local_copy_is_refused_naming_it(
+    s3_environment: S3Server, tmp_path: Path, crafted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 7: keys are joined to the mirror's folder; `..`, absolute, empty parts are refused."""
+    import boto3
+
+    from cxrtune.search.cli import EXIT_BAD_INPUT, main
+
+    bucket = s3_environment.new_bucket().removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_environment.endpoint)
+    for key in ("exp/sweep.yaml", "exp/dataset.json", "exp/splits.csv", f"exp/{crafted}"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}")
+    with pytest.raises(StorageError, match="refusing the key") as error:
+        RemoteDir.open(f"s3://{bucket}/exp").files()
+    assert f"'{bucket}/exp/{crafted}'" in str(error.value)
+    for command in ("leaderboard", "report", "export"):
+        extra = ["--rank", "1", "--out", str(tmp_path / "model")] if command == "export" else []
+        assert main([command, f"s3://{bucket}/exp", *extra]) == EXIT_BAD_INPUT
+        assert f"{bucket}/exp/{crafted}" in capsys.readouterr().err
+    cache = Path(os.environ["CXRTUNE_CACHE_DIR"])
+    assert not list(cache.parent.rglob("escaped.json")) and not Path("/escaped.json").exists()

@@ -73,6 +73,18 @@ def test_data_synth_writes_a_labelled_synthetic_dataset(
     assert (target / "SYNTHETIC.txt").is_file()
 
 
+def test_data_synth_refuses_a_folder_it_cannot_write_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 13: the output folder of `data synth` is checked like every other output."""
+    (tmp_path / "blocker").write_text("a file")
+    target = tmp_path / "blocker" / "sub"
+    assert main(["data", "synth", str(target), "--n", "40"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"data synth {target}: cannot write there, {tmp_path / 'blocker'} is a file" in error
+    assert "Writing synthetic images" not in error
+
+
 def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     result = run_cli("data", "synth", str(tmp_path), "--n", "40")
@@ -113,3 +125,217 @@ def test_resuming_a_sweep_stored_on_s3_exits_2_saying_it_is_not_supported() -> N
     assert result.returncode == EXIT_BAD_INPUT
     assert "not supported yet" in result.stderr and "s3://***@bucket/results/exp-1" in result.stderr
     assert "SECRET" not in result.stderr and "Traceback" not in result.stderr
+
+
+# A folder name YAML would cut at " #", read as a mapping at ": ", or mangle otherwise.
+AWKWARD_FOLDER = "ward #2: Zürich"
+
+
+@pytest.mark.parametrize("data", ["/scans/ward #2", "2024", "null", f"/scans/{AWKWARD_FOLDER}"])
+def test_sweep_options_reach_the_config_literally(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3: --data and --mlflow-uri are taken as given, not parsed as YAML."""
+    import cxrtune.search.cli as cli
+    import cxrtune.search.sweep as sweep
+
+    seen = {}
+
+    def capture(config: object, **_: object) -> object:
+        seen["config"] = config
+        return sweep.SweepOutcome(experiment_dir="unused", trials=0, errored=0)
+
+    monkeypatch.setattr(sweep, "run_sweep", capture)
+    monkeypatch.setattr(cli, "finish_with_leaderboard", lambda *_, **__: EXIT_OK)
+    assert main(["sweep", "--data", data, "--mlflow-uri", data, "--set", "num_samples=3"]) == 0
+    config = seen["config"]
+    assert config.data == data and config.mlflow_uri == data  # type: ignore[attr-defined]
+    assert config.num_samples == 3  # type: ignore[attr-defined]
+
+
+def test_a_sweep_of_a_missing_folder_named_null_is_refused_not_the_synthetic_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 3: `--data null` names a folder called null; it never means "no data"."""
+    monkeypatch.chdir(tmp_path)
+    storage = f"storage_path={tmp_path / 'out'}"
+    assert main(["sweep", "--data", "null", "--set", storage]) == EXIT_BAD_INPUT
+    output = capsys.readouterr()
+    assert f"dataset not found: {tmp_path / 'null'}" in output.err
+    assert "synthetic" not in (output.out + output.err).lower()
+
+
+def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
+    make_image_folder: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 3: such a folder is read by `data inspect` and by a sweep's --data."""
+    root = make_image_folder({"COVID": 4, "Normal": 6}, root=tmp_path / AWKWARD_FOLDER)
+    inspect = run_cli("data", "inspect", str(root))  # the name goes through a real argv
+    assert inspect.returncode == EXIT_OK, inspect.stderr
+    assert "COVID: 4" in inspect.stdout and AWKWARD_FOLDER in inspect.stdout
+    no_covid = make_image_folder(
+        {"Normal": 10, "Pneumonia": 10}, root=tmp_path / "b" / "#1: Zürich"
+    )
+    storage = f"storage_path={tmp_path / 'out'}"
+    assert main(["sweep", "--data", str(no_covid), "--set", storage]) == EXIT_BAD_INPUT
+    # Refused only after ingest read the folder and found its classes.
+    error = capsys.readouterr().err
+    assert "no class matches the positive class 'COVID'" in error
+    assert "classes: ['Normal', 'Pneumonia']" in error
+
+
+@pytest.mark.parametrize("password_set", [False, True])
+def test_resume_logs_to_mlflow_without_the_keys_sweep_yaml_does_not_keep(
+    password_set: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Item 6: sweep.yaml keeps ``***`` for the keys; resume needs MLflow's variables."""
+    import cxrtune.search.cli as cli
+    import cxrtune.search.sweep as sweep
+    from cxrtune.search.config import load_sweep_config, write_sweep_config
+
+    config = load_sweep_config(None, settings={"mlflow_uri": "http://me:pw@127.0.0.1:5000"})
+    write_sweep_config(config, tmp_path / "sweep.yaml")
+    outcome = sweep.SweepOutcome(experiment_dir=tmp_path, trials=1, errored=0)
+    monkeypatch.setattr(sweep, "resume_sweep", lambda *_, **__: outcome)
+    given = []
+    monkeypatch.setattr(
+        cli, "finish_with_leaderboard", lambda _, uri, **__: given.append(uri) or EXIT_OK
+    )
+    if password_set:
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    main(["resume", str(tmp_path), "--address", "unused"])
+    if password_set:
+        assert given == ["http://127.0.0.1:5000"]
+    else:
+        assert given == [None]
+        assert (
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in capsys.readouterr().err
+        )
+
+
+@pytest.fixture(scope="module")
+def experiment_and_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A finished experiment, its rank-1 model exported, and a folder of two images."""
+    import numpy as np
+
+    from cxrtune.analysis.export import export_model
+    from tests.analysis.test_leaderboard import make_experiment
+    from tests.conftest import write_png
+
+    root = tmp_path_factory.mktemp("outputs")
+    experiment = make_experiment(root)
+    model = export_model(experiment, root / "model", rank=1)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        write_png(root / "images" / name, rng.integers(0, 256, (20, 20), dtype=np.uint8))
+    return experiment, model, root / "images"
+
+
+# Each output option: the command line writing to `target`, and what it writes there.
+OUTPUT_COMMANDS = {
+    "predict --csv": (
+        lambda e, m, i, target: ["predict", str(m), str(i), "--csv", str(target / "p.csv")],
+        "p.csv",
+    ),
+    "predict --gradcam": (
+        lambda e, m, i, target: ["predict", str(m), str(i), "--gradcam", str(target / "cams")],
+        "cams/a_gradcam.png",
+    ),
+    "report --out": (
+        lambda e, m, i, target: ["report", str(e), "--out", str(target / "report")],
+        "report/report.html",
+    ),
+    "export --out": (
+        lambda e, m, i, target: ["export", str(e), "--rank", "1", "--out", str(target / "m")],
+        "m/model.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_an_output_under_missing_folders_is_written_there(
+    command: str, experiment_and_model: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Item 13: missing parent folders of every output option are created."""
+    argv, written = OUTPUT_COMMANDS[command]
+    target = tmp_path / "not" / "yet"
+    assert main(argv(*experiment_and_model, target)) == EXIT_OK
+    assert (target / written).is_file()
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+@pytest.mark.parametrize("place", ["file in the way", "refuses writes"])
+def test_an_output_that_cannot_be_written_stops_the_command_before_any_work(
+    command: str,
+    place: str,
+    experiment_and_model: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Item 13: exit 2 naming the option and the path, before anything is classified or read.
+
+    Tests run as root, where permission bits stop nothing: /proc stands in for a
+    read-only place, and a plain file for a folder.
+    """
+    argv, _ = OUTPUT_COMMANDS[command]
+    if place == "file in the way":
+        (tmp_path / "blocker").write_text("a file")
+        target = tmp_path / "blocker" / "sub"
+    else:
+        target = Path("/proc/cxrtune-output-check")
+    assert main(argv(*experiment_and_model, target)) == EXIT_BAD_INPUT
+    output = capsys.readouterr()
+    option = command.split()[1]
+    assert f"cxrtune: error: {option} {target}" in output.err
+    reason = "is a file, not a folder" if place == "file in the way" else "cannot write there"
+    assert reason in output.err
+    assert output.out == ""  # nothing was predicted, reported or exported
+    if place == "file in the way":
+        assert (tmp_path / "blocker").read_text() == "a file"
+
+
+@pytest.mark.parametrize("place", ["missing parents", "file in the way", "refuses writes"])
+def test_a_local_storage_path_is_created_or_refused_before_any_data_work(
+    place: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 13: storage_path is checked like every other output, before decoding any image."""
+    from cxrtune.search.config import load_sweep_config
+    from cxrtune.search.sweep import experiment_dir_for
+
+    if place == "missing parents":
+        storage = tmp_path / "not" / "yet"
+        config = load_sweep_config(None, settings={"storage_path": str(storage)})
+        assert experiment_dir_for(config, "exp-1") == (storage.resolve() / "exp-1", "exp-1")
+        assert storage.is_dir()
+        return
+    if place == "file in the way":
+        (tmp_path / "blocker").write_text("a file")
+        storage = tmp_path / "blocker" / "results"
+    else:
+        storage = Path("/proc/cxrtune-output-check")
+    assert main(["sweep", "--set", f"storage_path={storage}"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"cxrtune: error: storage_path {storage}: " in error
+    assert "Decoding images" not in error
+
+
+def test_a_manifest_split_that_leaks_a_duplicate_stops_inspect_and_sweep_naming_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 4: exit 2 with both paths; --drop-conflicting-duplicates leaves both copies out."""
+    from tests.trainables.test_ingest import manifest_with_a_copy_across_splits
+
+    manifest = manifest_with_a_copy_across_splits(tmp_path / "data")
+    storage = f"storage_path={tmp_path / 'out'}"
+    for argv in (["data", "inspect"], ["sweep", "--set", storage, "--data"]):
+        assert main([*argv, str(manifest)]) == EXIT_BAD_INPUT
+        assert "train/0.png (train) == test/copy.png (test)" in capsys.readouterr().err
+    assert main(["data", "inspect", str(manifest), "--drop-conflicting-duplicates"]) == EXIT_OK
+    report = capsys.readouterr().out
+    assert "Images in two splits of the manifest: 1" in report
+    assert "dropped: 2 images" in report

@@ -137,3 +137,36 @@ def test_resources_a_trial_cannot_use_are_errors_saying_what_to_write(
 ) -> None:
     with pytest.raises(SweepConfigError, match=message):
         load_sweep_config(None, [f"resources.vgg16={resources}"])
+
+
+def test_settings_are_taken_literally_and_win_over_set_overrides() -> None:
+    """Item 3: command-line option values are never parsed as YAML; only --set is."""
+    config = load_sweep_config(
+        None, ["data=/from/set", "num_samples=3"], {"data": "null", "mlflow_uri": "2024"}
+    )
+    assert config.data == "null" and config.mlflow_uri == "2024" and config.num_samples == 3
+    assert load_sweep_config(None, settings={"data": "/scans/ward #2"}).data == "/scans/ward #2"
+
+
+@pytest.mark.parametrize(
+    "storage_path",
+    [
+        "s3://AKEY:s3cr3tValue@bucket/results",
+        "s3://bucket/results?access_key=AKEY&secret_key=s3cr3tValue",
+    ],
+)
+def test_credentials_inside_the_storage_uri_are_refused_without_showing_them(
+    storage_path: str,
+) -> None:
+    """Item 6: keys in storage_path would be written into sweep.yaml and uploaded."""
+    with pytest.raises(SweepConfigError, match=r"storage_path: .*AWS credential chain") as error:
+        load_sweep_config(None, [f"storage_path={storage_path}"])
+    assert "s3cr3tValue" not in str(error.value) and "AKEY" not in str(error.value)
+
+
+def test_the_written_config_hides_keys_in_the_mlflow_uri(tmp_path: Path) -> None:
+    """Item 6: sweep.yaml keeps the MLflow URI without its user-info."""
+    config = load_sweep_config(None, settings={"mlflow_uri": "http://me:s3cr3tValue@mlflow:5000"})
+    write_sweep_config(config, tmp_path / "sweep.yaml")
+    written = (tmp_path / "sweep.yaml").read_text()
+    assert "s3cr3tValue" not in written and "mlflow_uri: http://***@mlflow:5000" in written

@@ -98,3 +98,50 @@ def test_the_journal_goes_up_whole_and_a_failed_upload_only_warns(
     with caplog.at_level(logging.WARNING):
         gone.on_experiment_end(trials=[])
     assert "cannot upload" in caplog.text and str(journal) in caplog.text
+
+
+def test_a_sweep_with_keys_in_its_storage_uri_stops_and_writes_them_nowhere(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
+    """Item 6: exit 2 pointing at the credential chain; no sweep.yaml, no secret in the log."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "cxrtune.search.cli", "sweep", "--name", "keys"),
+            *("--set", "storage_path=s3://AKEY:s3cr3tValue@bucket/results", "--set", TINY[0]),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "s3://***@bucket/results carries credentials" in result.stderr
+    assert "AWS credential chain" in result.stderr
+    assert "s3cr3tValue" not in result.stdout + result.stderr and "AKEY" not in result.stderr
+    assert not list(tmp_path.rglob(SWEEP_FILE)) and not list(isolated_cache.rglob(SWEEP_FILE))
+
+
+def test_keys_in_the_mlflow_uri_reach_neither_sweep_yaml_nor_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 6: the files written before any trial and the sweep's output show ``***``."""
+    import cxrtune.search.sweep as sweep
+
+    class RayWouldStartHere(Exception):
+        pass
+
+    def stop(address: object) -> None:
+        raise RayWouldStartHere
+
+    monkeypatch.setattr(sweep, "start_ray", stop)
+    config = load_sweep_config(
+        None,
+        [f"storage_path={tmp_path}", *TINY],
+        {"mlflow_uri": "http://me:s3cr3tValue@127.0.0.1:5000"},
+    )
+    with pytest.raises(RayWouldStartHere):
+        sweep.run_sweep(config, name="exp-1")
+    written = (tmp_path / "exp-1" / SWEEP_FILE).read_text()
+    assert "mlflow_uri: http://***@127.0.0.1:5000" in written
+    output = capsys.readouterr()
+    for text in (written, output.out, output.err):
+        assert "s3cr3tValue" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -120,6 +121,21 @@ def test_the_mlflow_callback_logs_to_the_sweeps_experiment_without_uploading_tri
     assert callback.tracking_uri == "sqlite:///mlflow.db"
     assert callback.experiment_name == "quickstart-1"
     assert not callback.should_save_artifact
+
+
+def test_the_mlflow_callback_pickled_into_the_experiment_dir_holds_no_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Item 6: keys in mlflow_uri go to MLflow's environment variables, not into tuner.pkl."""
+    import ray.cloudpickle  # what Ray writes tuner.pkl with
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    callback = mlflow_callback("https://me:s3cr%40t@mlflow.example:5000/", "quickstart-1")
+    assert callback.tracking_uri == "https://mlflow.example:5000/"
+    assert b"s3cr" not in ray.cloudpickle.dumps(callback)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "me"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
 
 
 def test_a_sweep_with_mlflow_uri_stops_before_any_data_work_when_mlflow_is_missing(

@@ -13,6 +13,7 @@ from PIL import Image
 from cxrtune.trainables import data
 from cxrtune.trainables.data import DataError, ingest, read_gray
 from cxrtune.trainables.layouts import LAYOUTS, detect_layout, get_layout
+from cxrtune.trainables.splits import group_ids, make_splits
 from tests.conftest import write_png
 
 RADIOGRAPHY_CLASSES = {"COVID": 4, "Lung_Opacity": 5, "Normal": 6, "Viral Pneumonia": 5}
@@ -294,3 +295,35 @@ def test_a_manifest_with_patients_spanning_many_images_splits_without_leaks(
             split_of_patient.setdefault(dataset.patients[index], set()).add(split)
     assert len(split_of_patient) == 60
     assert all(len(splits_seen) == 1 for splits_seen in split_of_patient.values())
+
+
+def manifest_with_a_copy_across_splits(root: Path) -> Path:
+    """Two classes, 4 images of each per split, and test/copy.png a copy of train/0.png."""
+    rows = [
+        {"path": f"{split}/{index}.png", "label": ("COVID", "Normal")[index % 2], "split": split}
+        for split in ("train", "val", "test")
+        for index in range(8)
+    ]
+    rows.append({"path": "test/copy.png", "label": "COVID", "split": "test"})
+    manifest = write_manifest(root, rows)
+    (root / "test" / "copy.png").write_bytes((root / "train" / "0.png").read_bytes())
+    return manifest
+
+
+def test_one_image_in_two_splits_of_a_manifest_is_refused_or_dropped(tmp_path: Path) -> None:
+    """Item 4: refused naming both paths; --drop-conflicting-duplicates leaves both out."""
+    manifest = manifest_with_a_copy_across_splits(tmp_path)
+    with pytest.raises(DataError, match="in two splits of the manifest's split column") as error:
+        ingest(manifest, 16)
+    assert "train/0.png (train) == test/copy.png (test)" in str(error.value)
+    assert "--drop-conflicting-duplicates" in str(error.value)
+    result = ingest(manifest, 16, drop_conflicting_duplicates=True)
+    assert result.report.dropped_conflicting == 2
+    assert result.report.split_conflicts == [["train/0.png (train)", "test/copy.png (test)"]]
+    assert "Images in two splits of the manifest: 1" in result.report.to_text()
+    assert {"train/0.png", "test/copy.png"}.isdisjoint(result.dataset.paths)
+    dataset = result.dataset
+    splits = make_splits(
+        dataset, group_ids(dataset, "patient"), val_fraction=0.15, test_fraction=0.15, seed=0
+    )
+    assert len(splits.train) == 7 and len(splits.test) == 8

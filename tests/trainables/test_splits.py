@@ -208,3 +208,18 @@ def test_splits_csv_records_group_and_content_hash(tmp_path: Path) -> None:
     assert list(table.columns) == ["path", "label", "group", "split", "content_hash"]
     assert table.groupby("group")["split"].nunique().max() == 1
     assert table.groupby("content_hash")["split"].nunique().max() == 1
+
+
+def test_a_fixed_split_that_puts_one_image_content_in_two_splits_is_refused_naming_both() -> None:
+    """Item 4: a manifest's split column must not leak a duplicated image across splits."""
+    dataset = patient_dataset()
+    copy = dataset.hashes.index(dataset.hashes[0], 1)
+    # Whole patients per split; the re-uploaded copy's patient goes to test, patient-0 to train.
+    fixed = tuple(
+        "train" if p == "patient-0" else "test" if p == dataset.patients[copy] else "val"
+        for p in dataset.patients
+    )
+    dataset = Dataset(**{**dataset.__dict__, "fixed_splits": fixed})
+    shown = f"0.png \\({fixed[0]}\\) == {copy}.png \\({fixed[copy]}\\)"
+    with pytest.raises(DataError, match=f"1 image\\(s\\) appear in more than one split: {shown}"):
+        grouped(dataset)
