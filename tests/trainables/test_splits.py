@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,21 @@ def test_splits_csv_records_group_and_content_hash(tmp_path: Path) -> None:
     assert list(table.columns) == ["path", "label", "group", "split", "content_hash"]
     assert table.groupby("group")["split"].nunique().max() == 1
     assert table.groupby("content_hash")["split"].nunique().max() == 1
+
+
+def test_a_class_too_small_to_split_is_named_and_scikit_learn_stays_quiet() -> None:
+    """A class of 2 images, grouped by patient and not: refused in cxrtune's words only."""
+    labels = np.repeat([0, 1], [2, 40])
+    dataset = Dataset(
+        images=np.zeros((42, 1, 2, 2), dtype=np.uint8),
+        labels=labels,
+        class_names=("COVID", "Normal"),
+        paths=tuple(f"{i}.png" for i in range(42)),
+        hashes=tuple(str(i) for i in range(42)),
+        patients=tuple(f"patient-{i // 2}" for i in range(42)),
+    )
+    for group_by in ("patient", "none"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            with pytest.raises(DataError, match=r"too few images to split.*COVID has"):
+                grouped(dataset, group_by=group_by)
