@@ -64,7 +64,7 @@ def binary_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "binary",
         *("--set", f"storage_path={storage}"),
         *("--set", "image_size=32", "--set", "space=quick", "--set", "num_samples=3"),
-        *("--set", "max_epochs=2", "--set", "grace_period=1", "--set", "bootstrap_resamples=1000"),
+        *("--set", "max_epochs=2", "--set", "grace_period=1"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return storage / "binary", result.stdout + result.stderr
