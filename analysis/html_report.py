@@ -162,6 +162,12 @@ def _trial_sections(
 ) -> tuple[str, str, str]:
     records = {record.trial_id: record for record in experiment.trials}
     class_names = experiment.dataset.class_names
+    positive_index = experiment.dataset.positive_index
+    if len(class_names) == 2:
+        positive, other = class_names[positive_index], class_names[1 - positive_index]
+        roc_caption = f"ROC curve of {positive} against {other} on test; AUC in the legend."
+    else:
+        roc_caption = "One-vs-rest ROC curve of each class on test; AUC in the legend."
     parts = [
         "<p>For each of the top trials, its chosen (best-validation) checkpoint on the held-out "
         "test split, and its training history. The learning curves mark the chosen epoch, and "
@@ -181,9 +187,12 @@ def _trial_sections(
             parts.append(
                 figures.embed(
                     f"{name}_roc",
-                    plots.plot_roc(report.roc_table(test, class_names), f"{label}: ROC on test"),
+                    plots.plot_roc(
+                        report.roc_table(test, class_names, positive_index),
+                        f"{label}: ROC on test",
+                    ),
                     f"ROC curves on test of {label}",
-                    "One-vs-rest ROC curve of each class on test; AUC in the legend.",
+                    roc_caption,
                 )
             )
             parts.append(

@@ -130,15 +130,20 @@ def trial_points(ranked: pd.DataFrame) -> pd.DataFrame:
     return points.reset_index(drop=True)
 
 
-def roc_table(predictions: Predictions, class_names: Sequence[str]) -> pd.DataFrame:
+def roc_table(
+    predictions: Predictions, class_names: Sequence[str], positive_index: int
+) -> pd.DataFrame:
     """One-vs-rest ROC curve of every class present in ``predictions`` (and absent from none).
 
     Columns: ``class``, ``false_positive_rate``, ``true_positive_rate``, ``auc`` (the class's
     one-vs-rest AUC, repeated on each of its rows). A class with no image, or with every image,
-    has no curve.
+    has no curve. With two classes only the positive class has a curve: the other's is its
+    mirror image, with the same AUC.
     """
     frames = []
     for index, name in enumerate(class_names):
+        if len(class_names) == 2 and index != positive_index:
+            continue
         positive = predictions.labels == index
         if positive.all() or not positive.any():
             continue

@@ -118,7 +118,8 @@ def metric_intervals(
     """Stratified bootstrap intervals of ``covid_recall`` and ``macro_auc``, all resamples at once.
 
     The metrics are those of ``classification_metrics`` (argmax recall of the
-    positive class; the mean one-vs-rest AUC of the classes present), computed
+    positive class; the mean one-vs-rest AUC of the classes present, or with
+    two classes the positive class's binary AUC), computed
     for every resample in one array operation: AUC is the Mann-Whitney U
     statistic over ``n_positive * n_negative``, which is what ``roc_auc_score``
     computes, ties counting half. The intervals equal ``stratified_bootstrap_ci``
@@ -147,7 +148,8 @@ def metric_intervals(
         )
     if "macro_auc" in names:
         per_class = []
-        for index in range(len(class_names)):
+        scored = [positive_index] if len(class_names) == 2 else range(len(class_names))
+        for index in scored:
             members = column_labels == index
             if members.all() or not members.any():
                 continue  # undefined for this class, as in classification_metrics

@@ -153,12 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_commands.add_parser(
         "inspect",
         help="report what ingest finds in a dataset: counts, sizes, groups, duplicates, bad files",
-        description="Decode a dataset as a sweep would (reusing the cache) and print the ingest "
-        "report. Exit code 2 when a sweep would refuse the dataset.",
+        description="Decode a dataset as a sweep would (reusing the cache), print the ingest "
+        "report, then find the positive class and split it with a sweep's default fractions "
+        "and seed. Exit code 2 when a sweep would refuse the dataset.",
     )
     inspect.add_argument("data", type=Path, help="dataset folder or CSV manifest")
     inspect.add_argument(
         "--size", type=int, default=64, help="resolution to decode at (default 64)"
+    )
+    inspect.add_argument(
+        "--positive-class",
+        default="COVID",
+        help="the class whose recall a sweep ranks (default COVID; `positive_class` in a "
+        "sweep file)",
     )
     add_ingest_options(inspect)
     inspect.set_defaults(handler=run_inspect_command)
@@ -203,18 +210,31 @@ def ingest_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_inspect_command(args: argparse.Namespace) -> int:
+    """Ingest, then find the positive class and split as a sweep with default settings would."""
     from cxrtune.search.config import load_sweep_config
-    from cxrtune.search.sweep import ingest_with_progress
+    from cxrtune.search.sweep import describe_data, ingest_with_progress, split_data
     from cxrtune.trainables.data import DataError
 
-    config = load_sweep_config(None, settings={**ingest_settings(args), "image_size": args.size})
+    root = args.data.expanduser().resolve()
+    config = load_sweep_config(
+        None,
+        settings={
+            **ingest_settings(args),
+            "image_size": args.size,
+            "data": str(root),
+            "positive_class": args.positive_class,
+        },
+    )
     try:
-        _, report, cache_path, _ = ingest_with_progress(config, args.data)
+        dataset, report, cache_path, layout = ingest_with_progress(config, root)
+        print(report.to_text())
+        print(f"Cache: {cache_path}")
+        prepared = split_data(config, root, dataset, report, cache_path, layout)
     except DataError as error:
         print(f"cxrtune: the dataset would be refused: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(report.to_text())
-    print(f"Cache: {cache_path}")
+    print("\nAs a sweep with the default split fractions and seed would use it:")
+    print(describe_data(prepared.info))
     return EXIT_OK
 
 

@@ -120,6 +120,24 @@ def prepare_data(config: SweepConfig) -> PreparedData:
     synthetic = config.data is None
     root = ensure_synthetic_data(config) if synthetic else Path(config.data).expanduser().resolve()
     dataset, report, cache_path, layout = ingest_with_progress(config, root)
+    return split_data(config, root, dataset, report, cache_path, layout)
+
+
+def split_data(
+    config: SweepConfig,
+    root: Path,
+    dataset: Dataset,
+    report: IngestReport,
+    cache_path: Path,
+    layout: str,
+) -> PreparedData:
+    """Find the positive class of an ingested dataset and split it as the sweep will.
+
+    Raises ``DataError`` where the sweep would refuse the data: no positive
+    class, or a class too small for every split. ``cxrtune data inspect`` runs
+    this too, so it refuses exactly what the sweep refuses.
+    """
+    synthetic = config.data is None
     positive_index = find_positive_class(dataset.class_names, config.positive_class)
     groups = group_ids(dataset, config.group_by)
     splits = make_splits(

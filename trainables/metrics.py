@@ -2,7 +2,8 @@
 
 ``covid`` in a key means the positive class, whatever its folder name. AUCs of
 a class absent from ``labels`` are undefined and come out as NaN; the macro AUC
-then averages the classes that are present (scikit-learn would refuse).
+then averages the classes that are present (scikit-learn would refuse). With
+two classes the macro AUC is the binary AUC of the positive class's scores.
 """
 
 from __future__ import annotations
@@ -53,17 +54,32 @@ def classification_metrics(
         ),
     }
     per_class_auc = one_vs_rest_auc(labels, probabilities)
-    present = [auc for auc in per_class_auc if not math.isnan(auc)]
-    metrics["macro_auc"] = float(np.mean(present)) if present else math.nan
+    metrics["macro_auc"] = macro_auc(per_class_auc, positive_index)
     for name, auc in zip(class_names, per_class_auc, strict=True):
         metrics[f"auc_{metric_safe_name(name)}"] = auc
     return metrics
 
 
+def macro_auc(per_class_auc: Sequence[float], positive_index: int) -> float:
+    """The mean AUC of the classes present; with two classes, the positive class's binary AUC.
+
+    Two classes' one-vs-rest AUCs are one number (one column is 1 minus the
+    other), so the macro AUC of a binary task is its binary AUC. Taking the
+    positive class's own column keeps it equal, to the last digit, to the ROC
+    curve of that class and to the bootstrap's point estimate.
+    """
+    if len(per_class_auc) == 2:
+        return float(per_class_auc[positive_index])
+    present = [auc for auc in per_class_auc if not math.isnan(auc)]
+    return float(np.mean(present)) if present else math.nan
+
+
 def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray) -> list[float]:
     """ROC AUC of each class against the rest; NaN where a class is absent or alone."""
     classes = list(range(probabilities.shape[1]))
-    if set(np.unique(labels)) == set(classes):
+    # scikit-learn's multi-class call wants more than two columns; the loop below
+    # scores two classes (or a split missing a class) one column at a time.
+    if len(classes) > 2 and set(np.unique(labels)) == set(classes):
         aucs = roc_auc_score(labels, probabilities, multi_class="ovr", average=None, labels=classes)
         return [float(auc) for auc in aucs]
     aucs = []

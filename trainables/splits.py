@@ -7,6 +7,8 @@ leaderboard only and never reaches a trial.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +42,17 @@ class SplitIndices:
 
 
 def stratified_split(
-    labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    class_names: Sequence[str] | None = None,
 ) -> SplitIndices:
     """Split indices so each split keeps the class proportions; deterministic for a seed.
 
-    A class too small to appear in every split is a ``DataError`` naming it.
+    A class too small to appear in every split is a ``DataError`` naming it (by
+    ``class_names`` when given, else by label).
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
@@ -55,9 +63,11 @@ def stratified_split(
     smallest = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
     too_small = [index for index, count in enumerate(counts) if count * smallest < 1]
     if too_small:
+        names = list(class_names) if class_names is not None else list(range(len(counts)))
+        listing = "; ".join(f"{names[index]} has {counts[index]}" for index in too_small)
         raise DataError(
-            f"class(es) {too_small} have too few images ({counts[too_small].tolist()}) "
-            f"to appear in every split; each needs at least {int(np.ceil(1 / smallest))}"
+            f"too few images to split: every class needs at least {int(np.ceil(1 / smallest))} "
+            f"to appear in every split, but {listing}"
         )
     # Whole counts, so 15% of 400 is exactly 60 and not 61 by float rounding.
     test_count = round(test_fraction * len(labels))
@@ -99,7 +109,12 @@ def _one_group_fold(
 ) -> tuple[np.ndarray, np.ndarray]:
     folds = max(2, round(1 / fraction))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    kept, held = next(splitter.split(indices, labels, groups))
+    with warnings.catch_warnings():
+        # scikit-learn warns, in its own terms, of a class with fewer images than
+        # folds; whether every split still holds enough of each class is checked
+        # next (``_require_images_per_split``), naming the class and the split.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        kept, held = next(splitter.split(indices, labels, groups))
     return indices[kept], indices[held]
 
 
@@ -145,7 +160,11 @@ def make_splits(
         splits = _fixed_splits(dataset)
     elif len(np.unique(groups)) == len(groups):
         splits = stratified_split(
-            dataset.labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+            dataset.labels,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            class_names=dataset.class_names,
         )
     else:
         splits = grouped_stratified_split(

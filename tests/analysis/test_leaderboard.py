@@ -18,9 +18,11 @@ from cxrtune.analysis.leaderboard import (
     COLUMNS,
     TEST_COLUMNS,
     Leaderboard,
+    Predictions,
     best_epoch_row,
     build_leaderboard,
     format_leaderboard,
+    held_out_metrics,
     write_leaderboard,
 )
 from cxrtune.analysis.statistics import stratified_bootstrap_ci
@@ -221,6 +223,30 @@ def test_the_threshold_is_chosen_on_val_and_its_recall_and_specificity_measured_
         assert row["threshold"] == threshold
         assert row["test_covid_recall_at_threshold"] == recall_score(test_labels == 0, called)
         assert row["test_specificity_at_threshold"] == recall_score(test_labels != 0, ~called)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4])
+def test_the_test_columns_are_defined_for_two_three_and_four_classes(classes: int) -> None:
+    """Binary sets (COVID versus Normal) and three-class ones get every test column too."""
+    rng = np.random.default_rng(classes)
+    names = ["COVID", "Normal", "Pneumonia", "Lung Opacity"][:classes]
+    predictions = {}
+    for split in ("val", "test"):
+        labels = np.repeat(np.arange(classes), 10)
+        probabilities = rng.dirichlet(np.ones(classes), len(labels)) + np.eye(classes)[labels]
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        predictions[split] = Predictions(labels, probabilities)
+    columns = held_out_metrics(predictions, names, 0, resamples=RESAMPLES)
+    assert all(math.isfinite(columns[name]) for name in TEST_COLUMNS), columns
+    test = predictions["test"]
+    if classes == 2:
+        expected = roc_auc_score(test.labels == 0, test.probabilities[:, 0])
+    else:
+        expected = roc_auc_score(test.labels, test.probabilities, multi_class="ovr")
+    assert columns["test_macro_auc"] == pytest.approx(expected)
+    assert (
+        columns["test_macro_auc_low"] <= columns["test_macro_auc"] <= columns["test_macro_auc_high"]
+    )
 
 
 def test_a_sweep_file_sets_the_target_specificity(tmp_path: Path) -> None:

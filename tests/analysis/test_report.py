@@ -24,6 +24,7 @@ from cxrtune.analysis import report
 from cxrtune.analysis.experiment import DatasetInfo, TrialRecord
 from cxrtune.analysis.html_report import write_report
 from cxrtune.analysis.leaderboard import Predictions
+from cxrtune.trainables.metrics import classification_metrics
 from tests.analysis.test_leaderboard import make_experiment
 
 FAMILY = CategoricalDistribution(["baseline_cnn", "regularized_cnn", "vgg16"])
@@ -206,13 +207,45 @@ def test_roc_curves_match_scikit_learn_for_each_class_that_has_test_images() -> 
     probabilities = np.array(
         [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.4, 0.5, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]
     )
-    roc = report.roc_table(Predictions(labels, probabilities), ["COVID", "Normal", "Pneumonia"])
+    roc = report.roc_table(
+        Predictions(labels, probabilities), ["COVID", "Normal", "Pneumonia"], positive_index=0
+    )
     assert roc["class"].unique().tolist() == ["COVID", "Normal"]  # no Pneumonia in test
     covid = roc[roc["class"] == "COVID"]
     false_positive_rate, true_positive_rate, _ = roc_curve(labels == 0, probabilities[:, 0])
     assert covid["false_positive_rate"].tolist() == false_positive_rate.tolist()
     assert covid["true_positive_rate"].tolist() == true_positive_rate.tolist()
     assert covid["auc"].iloc[0] == roc_auc_score(labels == 0, probabilities[:, 0])
+
+
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_two_classes_have_one_roc_curve_whose_auc_is_the_macro_auc(positive_index: int) -> None:
+    """COVID versus Normal: the positive class's curve only; the other is its mirror image."""
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    covid = np.array([0.9, 0.4, 0.7, 0.5, 0.2, 0.1, 0.6])
+    probabilities = np.stack([covid, 1 - covid], axis=1)
+    classes = ["COVID", "Normal"]
+    roc = report.roc_table(Predictions(labels, probabilities), classes, positive_index)
+    assert roc["class"].unique().tolist() == [classes[positive_index]]
+    expected = classification_metrics(labels, probabilities, classes, positive_index)
+    assert roc["auc"].iloc[0] == expected["macro_auc"]
+    false_positive_rate, _, _ = roc_curve(
+        labels == positive_index, probabilities[:, positive_index]
+    )
+    assert roc["false_positive_rate"].tolist() == false_positive_rate.tolist()
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4])
+def test_roc_and_confusion_tables_cover_two_three_and_four_classes(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    labels = np.repeat(np.arange(classes), 5)
+    probabilities = rng.dirichlet(np.ones(classes), len(labels))
+    names = ["COVID", "Normal", "Pneumonia", "Lung Opacity"][:classes]
+    roc = report.roc_table(Predictions(labels, probabilities), names, positive_index=0)
+    assert roc["class"].unique().tolist() == (["COVID"] if classes == 2 else names)
+    confusion = report.confusion_table(Predictions(labels, probabilities), names)
+    assert len(confusion) == classes * classes
+    assert confusion["count"].sum() == len(labels)
 
 
 def test_confusion_rows_are_divided_by_the_images_of_their_true_class() -> None:

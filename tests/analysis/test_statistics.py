@@ -98,18 +98,23 @@ def test_an_interval_with_fewer_than_half_its_resamples_defined_is_undefined() -
     assert all(math.isnan(bound) for bound in never_defined)
 
 
-def test_metric_intervals_equal_one_bootstrap_per_metric() -> None:
+@pytest.mark.parametrize(("classes", "positive_index"), [(2, 0), (2, 1), (3, 0), (4, 2)])
+def test_metric_intervals_equal_one_bootstrap_per_metric(classes: int, positive_index: int) -> None:
+    """Two classes included: the interval is around the binary AUC the leaderboard shows."""
     rng = np.random.default_rng(6)
-    labels = np.repeat([0, 1, 2], [6, 12, 12])
-    probabilities = rng.dirichlet(np.ones(3), size=30) + 0.3 * np.eye(3)[labels]
+    labels = np.repeat(np.arange(classes), [6, 12, 12, 9][:classes])
+    probabilities = rng.dirichlet(np.ones(classes), size=len(labels))
+    probabilities += 0.3 * np.eye(classes)[labels]
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    names = ("A", "B", "C")
-    intervals = metric_intervals(labels, probabilities, names, 0, resamples=100, seed=3)
+    names = ("A", "B", "C", "D")[:classes]
+    intervals = metric_intervals(
+        labels, probabilities, names, positive_index, resamples=100, seed=3
+    )
     for metric in ("covid_recall", "macro_auc"):
         alone = stratified_bootstrap_ci(
             labels,
             probabilities,
-            lambda y, p, m=metric: classification_metrics(y, p, names, 0)[m],
+            lambda y, p, m=metric: classification_metrics(y, p, names, positive_index)[m],
             resamples=100,
             seed=3,
         )
@@ -156,3 +161,28 @@ def test_a_score_equal_to_the_threshold_is_called_positive() -> None:
 def test_recall_without_positives_is_undefined() -> None:
     recall, specificity = recall_and_specificity_at(np.zeros(4, dtype=bool), np.arange(4), 2)
     assert math.isnan(recall) and specificity == 0.5
+
+
+def test_two_class_intervals_bootstrap_the_positive_class_binary_auc_when_scores_saturate() -> None:
+    """Saturated float32 softmax: 1 - p rounds tiny p to 1.0, so only one column keeps the order.
+
+    The interval must be around the binary AUC of the positive class's column, which is the
+    leaderboard's macro AUC for two classes; averaging both columns would count ties.
+    """
+    labels = np.repeat([0, 1], [8, 8])
+    # COVID and Normal images alternate among the tiny COVID scores (2, 4, 6, 8 and 1, 3, 5, 7
+    # times 1e-9): column 0 orders them, column 1 rounds them all to 1.0.
+    tiny = np.arange(1, 9) * 1e-9
+    covid = np.concatenate([tiny[1::2], [0.6, 0.7, 0.8, 0.3], tiny[::2], [0.1, 0.2, 0.65, 0.4]])
+    probabilities = np.stack([covid, 1 - covid], axis=1).astype(np.float32)
+    names = ("COVID", "Normal")
+    assert len(np.unique(probabilities[:, 1])) < len(np.unique(probabilities[:, 0]))
+    intervals = metric_intervals(labels, probabilities, names, 0, resamples=200, seed=1)
+    alone = stratified_bootstrap_ci(
+        labels,
+        probabilities,
+        lambda y, p: auc(y == 0, p[:, 0]),
+        resamples=200,
+        seed=1,
+    )
+    assert intervals["macro_auc"] == pytest.approx(alone, abs=1e-12)

@@ -95,19 +95,62 @@ def test_data_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 def test_data_inspect_reports_counts_sizes_modes_and_duplicates(
     make_image_folder: Callable[..., Path],
 ) -> None:
-    root = make_image_folder({"COVID": 4, "Normal": 6})
+    root = make_image_folder({"COVID": 20, "Normal": 24})
     (root / "Normal" / "again.png").write_bytes((root / "Normal" / "000.png").read_bytes())
     result = run_cli("data", "inspect", str(root))
     assert result.returncode == EXIT_OK, result.stderr
-    assert "COVID: 4" in result.stdout and "Normal: 7" in result.stdout
-    assert "24 x 24 (11)" in result.stdout and "L (11)" in result.stdout
+    assert "COVID: 20" in result.stdout and "Normal: 25" in result.stdout
+    assert "24 x 24 (45)" in result.stdout and "L (45)" in result.stdout
     assert "Exact duplicates: 1 contents in 2 images" in result.stdout
+    assert "positive class: COVID" in result.stdout
+    assert "test " in result.stdout  # the split a sweep would make, per class
 
 
-def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(tmp_path: Path) -> None:
+def write_manifest(root: Path, classes: dict[str, int]) -> Path:
+    """A CSV manifest over the images of an image folder, one patient per two images."""
+    rows = ["path,label,patient_id"]
+    for name, count in classes.items():
+        rows += [f"{name}/{index:03d}.png,{name},{name}-{index // 2}" for index in range(count)]
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def test_inspect_exits_2_on_a_class_too_small_to_split_as_the_sweep_does(
+    make_image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Issue item 0: a class of 2 images passed inspect, then the sweep refused it."""
+    classes = {"COVID": 2, "Normal": 30}
+    manifest = write_manifest(make_image_folder(classes), classes)
+    inspect = run_cli("data", "inspect", str(manifest))
+    sweep = run_cli("sweep", "--data", str(manifest), "--set", f"storage_path={tmp_path}")
+    for result in (inspect, sweep):
+        assert result.returncode == EXIT_BAD_INPUT, result.stdout + result.stderr
+        assert "too few images to split" in result.stderr and "COVID has" in result.stderr
+        assert "Warning" not in result.stderr and "least populated" not in result.stderr
+        assert "Traceback" not in result.stderr
+    assert "COVID: 2" in inspect.stdout  # the ingest report still comes first
+
+
+def test_inspect_exits_2_without_the_positive_class_unless_told_which_it_is(
+    make_image_folder: Callable[..., Path],
+) -> None:
+    root = make_image_folder({"Normal": 20, "Pneumonia": 20})
+    refused = run_cli("data", "inspect", str(root))
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert "no class matches the positive class 'COVID'" in refused.stderr
+    accepted = run_cli("data", "inspect", str(root), "--positive-class", "pneumonia")
+    assert accepted.returncode == EXIT_OK, accepted.stderr
+    assert "positive class: Pneumonia" in accepted.stdout
+
+
+def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(
+    make_image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
     from tests.trainables.test_ingest import make_folder_with_bad_files
 
     root = make_folder_with_bad_files(tmp_path / "data")
+    make_image_folder({"COVID": 20, "Normal": 20}, seed=1000, root=root)  # enough to split
     inspect = run_cli("data", "inspect", str(root))
     sweep = run_cli("sweep", "--data", str(root), "--set", f"storage_path={tmp_path}")
     for result in (inspect, sweep):
@@ -169,10 +212,11 @@ def test_a_dataset_under_a_folder_with_spaces_hash_colon_and_umlaut_is_ingested(
     make_image_folder: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Item 3: such a folder is read by `data inspect` and by a sweep's --data."""
-    root = make_image_folder({"COVID": 4, "Normal": 6}, root=tmp_path / AWKWARD_FOLDER)
+    # Large enough to split, since inspect splits as a sweep would.
+    root = make_image_folder({"COVID": 20, "Normal": 24}, root=tmp_path / AWKWARD_FOLDER)
     inspect = run_cli("data", "inspect", str(root))  # the name goes through a real argv
     assert inspect.returncode == EXIT_OK, inspect.stderr
-    assert "COVID: 4" in inspect.stdout and AWKWARD_FOLDER in inspect.stdout
+    assert "COVID: 20" in inspect.stdout and AWKWARD_FOLDER in inspect.stdout
     no_covid = make_image_folder(
         {"Normal": 10, "Pneumonia": 10}, root=tmp_path / "b" / "#1: Zürich"
     )

@@ -69,3 +69,40 @@ def test_mismatched_shapes_are_refused() -> None:
 def test_class_names_become_metric_safe_keys() -> None:
     assert metric_safe_name("Viral Pneumonia") == "viral_pneumonia"
     assert metric_safe_name("COVID-19") == "covid_19"
+
+
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_two_classes_score_the_binary_auc_as_macro_auc(positive_index: int) -> None:
+    """A two-class dataset (COVID versus Normal) gets its binary AUC, not a scikit-learn error."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1], [6, 10])
+    covid_score = rng.uniform(size=16) + 0.5 * (labels == 0)
+    probabilities = np.stack([covid_score, 1 - covid_score], axis=1)
+    metrics = classification_metrics(labels, probabilities, ("COVID", "Normal"), positive_index)
+    binary = roc_auc_score(labels == positive_index, probabilities[:, positive_index])
+    assert metrics["macro_auc"] == binary
+    assert metrics["auc_covid"] == pytest.approx(binary)
+    assert metrics["auc_normal"] == pytest.approx(binary)
+    assert 0.5 < binary < 1.0
+
+
+def test_two_classes_with_one_absent_have_no_auc() -> None:
+    probabilities = np.array([[0.7, 0.3], [0.4, 0.6]])
+    metrics = classification_metrics(np.array([1, 1]), probabilities, ("COVID", "Normal"), 0)
+    assert math.isnan(metrics["macro_auc"]) and math.isnan(metrics["auc_covid"])
+    assert metrics["covid_recall"] == 0.0
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4])
+def test_macro_auc_is_scikit_learns_for_two_three_and_four_classes(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    labels = np.concatenate([np.arange(classes), rng.integers(0, classes, 40)])
+    probabilities = rng.dirichlet(np.ones(classes), len(labels))
+    names = ["COVID", "Normal", "Pneumonia", "Lung Opacity"][:classes]
+    metrics = classification_metrics(labels, probabilities, names, positive_index=0)
+    if classes == 2:
+        expected = roc_auc_score(labels == 0, probabilities[:, 0])
+    else:
+        expected = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+    assert metrics["macro_auc"] == pytest.approx(expected)
+    assert sum(key.startswith("auc_") for key in metrics) == classes

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,21 @@ def test_a_fixed_split_that_puts_one_image_content_in_two_splits_is_refused_nami
     shown = f"0.png \\({fixed[0]}\\) == {copy}.png \\({fixed[copy]}\\)"
     with pytest.raises(DataError, match=f"1 image\\(s\\) appear in more than one split: {shown}"):
         grouped(dataset)
+
+
+def test_a_class_too_small_to_split_is_named_and_scikit_learn_stays_quiet() -> None:
+    """A class of 2 images, grouped by patient and not: refused in cxrtune's words only."""
+    labels = np.repeat([0, 1], [2, 40])
+    dataset = Dataset(
+        images=np.zeros((42, 1, 2, 2), dtype=np.uint8),
+        labels=labels,
+        class_names=("COVID", "Normal"),
+        paths=tuple(f"{i}.png" for i in range(42)),
+        hashes=tuple(str(i) for i in range(42)),
+        patients=tuple(f"patient-{i // 2}" for i in range(42)),
+    )
+    for group_by in ("patient", "none"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning fails the test
+            with pytest.raises(DataError, match=r"too few images to split.*COVID has"):
+                grouped(dataset, group_by=group_by)
