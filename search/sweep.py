@@ -48,6 +48,8 @@ from cxrtune.trainables.trainable import TrialData
 if TYPE_CHECKING:
     from ray.tune import ResultGrid, Tuner
 
+    from cxrtune.trainables.models import StateDict
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -253,11 +255,10 @@ def run_sweep(
         use_loopback_ray()  # before the imports below bring Ray in
     from cxrtune.search.progress import SweepProgress
     from cxrtune.search.tuner import build_tuner
-    from cxrtune.trainables.models import resolve_vgg16_weights
 
     experiment_dir, experiment_name = experiment_dir_for(config, name)
-    # Resolved before any data work or trial, so an offline machine fails at once.
-    vgg16_weights = resolve_vgg16_weights(config.weights) if "vgg16" in config.families else "none"
+    # Read before any data work or trial, so an offline machine or a bad file fails at once.
+    vgg16_weights, pretrained = pretrained_weights(config)
     if config.mlflow_uri:
         # Also before any data work: MLflow missing, or refusing a local store URI, fails
         # at once. A server is not contacted until the first trial starts.
@@ -283,11 +284,28 @@ def run_sweep(
         ),
         vgg16_weights=vgg16_weights,
         progress=progress,
+        pretrained=pretrained,
     )
     results = fit_tuner(tuner)
     return SweepOutcome(
         experiment_dir=experiment_dir, trials=len(results), errored=len(results.errors)
     )
+
+
+def pretrained_weights(config: SweepConfig) -> tuple[str, StateDict | None]:
+    """Where the sweep's pretrained VGG16 weights come from, and their state dict.
+
+    Read here, on the driver, and handed to every trial through Ray's object
+    store: on a cluster the trials run on machines that cannot see this one's
+    disk (torch's hub cache, a user's file). ``("none", None)`` when no VGG16
+    trial is pretrained.
+    """
+    from cxrtune.trainables.models import read_vgg16_weights, resolve_vgg16_weights
+
+    if "vgg16" not in config.families:
+        return "none", None
+    source = resolve_vgg16_weights(config.weights)
+    return source, (read_vgg16_weights(source) if source != "none" else None)
 
 
 def fit_tuner(tuner: Tuner) -> ResultGrid:
@@ -319,6 +337,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     ``sweep.yaml`` and ``splits.csv`` (reusing the dataset cache) and must be
     identical to the ones the sweep started with: a changed or missing image is a
     ``DataError``; a missing file of the experiment dir is an ``ExperimentError``.
+    Pretrained VGG16 weights are read again from the sweep's ``weights`` setting.
     """
     if not address:
         use_loopback_ray()  # before the imports below bring Ray in
@@ -339,6 +358,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     directory = Path(experiment_dir).expanduser().resolve()
     require_resumable(directory)
     config = load_sweep_config(directory / SWEEP_FILE)
+    _, pretrained = pretrained_weights(config)
     prepared = prepare_resumed_data(config, directory)
     print(describe_data(prepared.info))
     print(f"Resuming the sweep in {directory}")
@@ -346,7 +366,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     start_ray(address)
     tuner = tune.Tuner.restore(
         str(directory),
-        trainable=build_trainable(config, prepared.trial_data()),
+        trainable=build_trainable(config, prepared.trial_data(), pretrained),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,

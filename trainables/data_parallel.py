@@ -42,7 +42,7 @@ from cxrtune.trainables.engine import (
     shard_for_rank,
     train_one_epoch,
 )
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import StateDict, create_model
 from cxrtune.trainables.trainable import (
     TrialData,
     WorkerResources,
@@ -96,8 +96,12 @@ def train_data_parallel(
     data: TrialData,
     state: dict[str, Any] | None,
     resources: WorkerResources,
+    pretrained: StateDict | None = None,
 ) -> None:
     """Run the trial as a Ray Train run on ``resources.workers`` workers; the Tune trial drives.
+
+    ``pretrained`` (the VGG16 weights the config names) reaches the workers through
+    the object store, as the data do.
 
     Raises what the workers raised (wrapped by Ray Train) when training fails.
     """
@@ -120,6 +124,7 @@ def train_data_parallel(
             # Into the object store once; every worker on a node reads the same memory.
             "data": ray.put(data),
             "state": ray.put(state) if state is not None else None,
+            "pretrained": ray.put(pretrained) if pretrained is not None else None,
             "threads": max(1, int(resources.cpus)),
             "gpus": resources.gpus,
         },
@@ -278,6 +283,9 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     trial = TrialConfig.from_dict(loop_config["trial"])
     data: TrialData = ray.get(loop_config["data"])
     state = ray.get(loop_config["state"]) if loop_config["state"] is not None else None
+    pretrained = (
+        ray.get(loop_config["pretrained"]) if loop_config["pretrained"] is not None else None
+    )
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads"])
     if device.type == "cuda":
@@ -285,7 +293,7 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)  # the epoch order, shared
-    model = create_model(trial, len(data.class_names), data.image_size).to(device)
+    model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
     completed_epochs = restore(state, model, optimizer, generator) if state else 0
     replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights

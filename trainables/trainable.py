@@ -1,10 +1,11 @@
 """The Ray Tune trainable: wiring only. The engine does the work.
 
-``train_trial(config, data)`` is a plain function trainable. The driver binds
-``data`` with ``tune.with_parameters`` so the arrays sit in Ray's object store
-once and every trial on a node reads the same memory. A trial whose family
-asks for more than one worker trains data-parallel (``data_parallel``); every
-other trial trains here, on the device Ray gave it.
+``train_trial(config, data, pretrained=...)`` is a plain function trainable. The
+driver binds ``data`` and the pretrained VGG16 weights with ``tune.with_parameters``
+so they sit in Ray's object store once and every trial on a node reads the same
+memory; no trial opens a file on the driver's disk, which on a cluster it cannot
+see. A trial whose family asks for more than one worker trains data-parallel
+(``data_parallel``); every other trial trains here, on the device Ray gave it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cxrtune.trainables.engine import (
     train_one_epoch,
 )
 from cxrtune.trainables.metrics import classification_metrics
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import StateDict, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,14 @@ def train_trial(
     config: dict[str, Any],
     data: TrialData,
     data_parallel: Mapping[str, WorkerResources] | None = None,
+    pretrained: StateDict | None = None,
 ) -> None:
     """Train one trial, reporting metrics and a checkpoint to Ray Tune every epoch.
 
     ``data_parallel`` maps the families that train on several workers to their
-    workers' resources; the others train in this process.
+    workers' resources; the others train in this process. ``pretrained`` is the
+    state dict of the sweep's pretrained VGG16 weights (read on the driver), used
+    by the trials whose config names weights.
     """
     from ray import tune
 
@@ -86,18 +90,20 @@ def train_trial(
     state: dict[str, Any] | None = None
     if checkpoint := tune.get_checkpoint():
         state = newest_readable_state(checkpoint)
+    if trial.weights == "none":
+        pretrained = None
 
     if data_parallel and trial.family in data_parallel:
         from cxrtune.trainables.data_parallel import train_data_parallel
 
-        train_data_parallel(trial, data, state, data_parallel[trial.family])
+        train_data_parallel(trial, data, state, data_parallel[trial.family], pretrained)
         return
 
     assigned = assigned_resources()
     try:
         if assigned.device.type == "cuda":
             wait_for_device_memory(assigned.gpus, lambda: torch.cuda.mem_get_info(assigned.device))
-        train_on_one_device(trial, data, state, assigned.threads, assigned.device)
+        train_on_one_device(trial, data, state, assigned.threads, assigned.device, pretrained)
     except BaseException as error:
         # A stopped or failed trial leaves through an exception whose traceback
         # holds every frame's locals: the model, the optimizer and the dataset on
@@ -114,6 +120,7 @@ def train_on_one_device(
     state: dict[str, Any] | None,
     threads: int,
     device: torch.device,
+    pretrained: StateDict | None = None,
 ) -> None:
     """The epoch loop of a trial that trains in this process."""
     from ray import tune
@@ -121,7 +128,7 @@ def train_on_one_device(
     torch.set_num_threads(threads)
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)
-    model = create_model(trial, len(data.class_names), data.image_size).to(device)
+    model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
     completed_epochs = restore(state, model, optimizer, generator) if state else 0
     precision = choose_precision(device)

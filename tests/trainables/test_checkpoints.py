@@ -17,7 +17,7 @@ from cxrtune.trainables.checkpoints import (
     save_checkpoint,
 )
 from cxrtune.trainables.config import TrialConfig
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import create_model, read_vgg16_weights
 
 
 def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_path: Path) -> None:
@@ -31,7 +31,9 @@ def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_pa
         finetune_blocks=1,
         weights=str(weights),
     )
-    model = create_model(config, num_classes=3, image_size=32)
+    model = create_model(
+        config, num_classes=3, image_size=32, pretrained=read_vgg16_weights(str(weights))
+    )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     directory = tmp_path / "checkpoint_000001"
     directory.mkdir()

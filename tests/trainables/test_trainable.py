@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torchvision
 from ray import tune
 
 from cxrtune.trainables import trainable
@@ -46,10 +47,10 @@ TRIAL_METRIC_KEYS = {
 }
 
 
-def tiny_data() -> TrialData:
+def tiny_data(size: int = 16) -> TrialData:
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], [8, 20, 20])
-    images = rng.integers(0, 256, (48, 1, 16, 16), dtype=np.uint8)
+    images = rng.integers(0, 256, (48, 1, size, size), dtype=np.uint8)
     images[labels == 0, :, 4:8, 4:8] = 255
     images.flags.writeable = False  # as arrays arrive from Ray's object store
     return TrialData(
@@ -115,6 +116,28 @@ def test_an_unknown_config_key_fails_the_trial_before_training(
     with pytest.raises(ValueError, match="drop_out"):
         train_trial({**CONFIG, "drop_out": 0.1}, tiny_data())
     assert session.reports == []
+
+
+def test_a_vgg16_trial_trains_from_the_state_dict_it_is_handed_not_from_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 1: the weights path in the config exists only on the driver's machine."""
+    FakeTune(monkeypatch, tmp_path, resume_from=None)
+    torch.manual_seed(3)
+    features = torchvision.models.vgg16(weights=None).features.state_dict()
+    config = {
+        **CONFIG,
+        "family": "vgg16",
+        "finetune_blocks": 1,
+        "max_epochs": 1,
+        "weights": str(tmp_path / "never-written" / "vgg16.pt"),
+    }
+    train_trial(config, tiny_data(size=32), pretrained=features)
+    state = read_checkpoint(tmp_path / "epoch1")
+    # The first block stays frozen, so its conv holds the handed weights, RGB summed.
+    expected = features["0.weight"].sum(dim=1, keepdim=True)
+    assert torch.equal(state["model"]["frozen.0.weight"], expected)
+    assert state["trial_config"]["weights"] == config["weights"]
 
 
 class FakeClock:
