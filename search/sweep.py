@@ -46,7 +46,7 @@ from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_spli
 from cxrtune.trainables.trainable import TrialData
 
 if TYPE_CHECKING:
-    from ray.tune import ResultGrid, Tuner
+    from ray.tune import ResultGrid
 
     from cxrtune.trainables.models import StateDict
 
@@ -286,9 +286,9 @@ def run_sweep(
         progress=progress,
         pretrained=pretrained,
     )
-    results = fit_tuner(tuner)
+    results = tuner.fit()
     return SweepOutcome(
-        experiment_dir=experiment_dir, trials=len(results), errored=len(results.errors)
+        experiment_dir=experiment_dir, trials=len(results), errored=errored_trials(results)
     )
 
 
@@ -308,12 +308,15 @@ def pretrained_weights(config: SweepConfig) -> tuple[str, StateDict | None]:
     return source, (read_vgg16_weights(source) if source != "none" else None)
 
 
-def fit_tuner(tuner: Tuner) -> ResultGrid:
-    """``tuner.fit()``, retrying only the trials whose failure may not recur (``retry_policy``)."""
-    from cxrtune.search.retry_policy import retry_only_retryable_errors
+def errored_trials(results: ResultGrid) -> int:
+    """How many trials failed: on their own (ended by the trainable) or past their retries."""
+    from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 
-    with retry_only_retryable_errors():
-        return tuner.fit()
+    own = sum(
+        results[index].error is None and TRIAL_ERROR_KEY in (results[index].metrics or {})
+        for index in range(len(results))
+    )
+    return own + len(results.errors)
 
 
 # What Ray writes into the experiment dir when the Tuner starts; its snapshot of the
@@ -330,10 +333,10 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
 
     Finished trials are kept as they are and unfinished ones continue from their
     last checkpoint. Trials that errored stay errored and are not run again:
-    the retry policy already retried every failure that could go away
-    (``max_failures``), so what is left is the trial's own error, which the
-    leaderboard lists. New trials are asked for only until the sweep has
-    ``num_samples``. The train and val arrays are rebuilt from the dir's
+    Tune already retried every failure that could go away (``max_failures``),
+    and a trial that failed on its own ended itself, so what is left is the
+    trial's own error, which the leaderboard lists. New trials are asked for
+    only until the sweep has ``num_samples``. The train and val arrays are rebuilt from the dir's
     ``sweep.yaml`` and ``splits.csv`` (reusing the dataset cache) and must be
     identical to the ones the sweep started with: a changed or missing image is a
     ``DataError``; a missing file of the experiment dir is an ``ExperimentError``.
@@ -372,16 +375,19 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
         restart_errored=False,
     )
     recorded = tuner.get_results()
+    errored = errored_trials(recorded)
     print(
-        f"{len(recorded)} trial(s) recorded: {recorded.num_terminated} finished (kept), "
-        f"{recorded.num_errors} errored (stay errored), the rest continue from their "
-        "last checkpoint"
+        f"{len(recorded)} trial(s) recorded: "
+        f"{recorded.num_terminated + recorded.num_errors - errored} finished (kept), "
+        f"{errored} errored (stay errored), the rest continue from their last checkpoint"
     )
     set_aside_unrecorded_trials(
         directory, {Path(recorded[index].path).name for index in range(len(recorded))}
     )
-    results = fit_tuner(tuner)
-    return SweepOutcome(experiment_dir=directory, trials=len(results), errored=len(results.errors))
+    results = tuner.fit()
+    return SweepOutcome(
+        experiment_dir=directory, trials=len(results), errored=errored_trials(results)
+    )
 
 
 def require_resumable(directory: Path) -> None:

@@ -26,6 +26,7 @@ from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, 
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.spaces import get_space
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 from cxrtune.trainables.models import StateDict
 from cxrtune.trainables.trainable import TrialData, WorkerResources, train_trial
 
@@ -156,6 +157,10 @@ class TrialIdOptunaSearch(OptunaSearch):
     ) -> None:
         if trial_id in self._completed_trials:
             return  # told before the driver died; Ray reran its last epochs after the snapshot
+        if result and TRIAL_ERROR_KEY in result:
+            # A trial that failed on its own ended itself with its error: a failed
+            # Optuna trial, not a pruned or complete one.
+            result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
     def restore(self, checkpoint_path: str) -> None:

@@ -35,6 +35,7 @@ from cxrtune.trainables.engine import (
     loss_class_weights,
     train_one_epoch,
 )
+from cxrtune.trainables.failures import own_failures_end_the_trial
 from cxrtune.trainables.metrics import classification_metrics
 from cxrtune.trainables.models import StateDict, create_model
 
@@ -83,7 +84,23 @@ def train_trial(
     workers' resources; the others train in this process. ``pretrained`` is the
     state dict of the sweep's pretrained VGG16 weights (read on the driver), used
     by the trials whose config names weights.
+
+    A failure of the trial's own (a non-finite loss, a bad config, weights that do
+    not fit, a bug) ends it with a last result carrying the error, so Tune does not
+    retry it; an infrastructure failure propagates, for Tune to retry
+    (``cxrtune.trainables.failures``).
     """
+    with own_failures_end_the_trial():
+        run_trial(config, data, data_parallel, pretrained)
+
+
+def run_trial(
+    config: dict[str, Any],
+    data: TrialData,
+    data_parallel: Mapping[str, WorkerResources] | None,
+    pretrained: StateDict | None,
+) -> None:
+    """``train_trial``'s work: restore, then train in this process or data-parallel."""
     from ray import tune
 
     trial = TrialConfig.from_dict(config)

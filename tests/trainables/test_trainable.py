@@ -14,6 +14,8 @@ from ray import tune
 
 from cxrtune.trainables import trainable
 from cxrtune.trainables.checkpoints import read_checkpoint
+from cxrtune.trainables.engine import NonFiniteLossError
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 from cxrtune.trainables.trainable import TrialData, train_trial
 
 CONFIG = {
@@ -75,9 +77,10 @@ class FakeTune:
         assigned = trainable.AssignedResources(1, torch.device("cpu"), 0.0)
         monkeypatch.setattr(trainable, "assigned_resources", lambda: assigned)
 
-    def report(self, metrics: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: tune.Checkpoint | None = None) -> None:
         self.reports.append(metrics)
-        shutil.copytree(checkpoint.path, self.keep / f"epoch{metrics['epoch']}")
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, self.keep / f"epoch{metrics['epoch']}")
 
 
 def test_every_epoch_reports_the_documented_keys_and_a_checkpoint(
@@ -109,13 +112,36 @@ def test_a_resumed_trial_continues_exactly_where_it_stopped(
         assert after_resume["val_macro_auc"] == original["val_macro_auc"]
 
 
-def test_an_unknown_config_key_fails_the_trial_before_training(
+def test_an_unknown_config_key_ends_the_trial_with_its_error_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     session = FakeTune(monkeypatch, tmp_path, resume_from=None)
-    with pytest.raises(ValueError, match="drop_out"):
-        train_trial({**CONFIG, "drop_out": 0.1}, tiny_data())
-    assert session.reports == []
+    train_trial({**CONFIG, "drop_out": 0.1}, tiny_data())
+    [report] = session.reports
+    assert set(report) == {TRIAL_ERROR_KEY}
+    assert (
+        report[TRIAL_ERROR_KEY].startswith("ConfigError:") and "drop_out" in report[TRIAL_ERROR_KEY]
+    )
+
+
+def test_a_non_finite_loss_ends_the_trial_with_its_error_after_the_epochs_it_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 8: the trial returns (Tune will not retry it) with a last result holding the error."""
+    session = FakeTune(monkeypatch, tmp_path, resume_from=None)
+    real_train_one_epoch = trainable.train_one_epoch
+
+    def diverge_in_epoch_two(*args: Any, **kwargs: Any) -> float:
+        if len(session.reports) == 1:
+            raise NonFiniteLossError("training loss became nan at step 3")
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainable, "train_one_epoch", diverge_in_epoch_two)
+    train_trial(dict(CONFIG), tiny_data())
+    assert [report.get("epoch") for report in session.reports] == [1, None]
+    assert session.reports[1] == {
+        TRIAL_ERROR_KEY: "NonFiniteLossError: training loss became nan at step 3"
+    }
 
 
 def test_a_vgg16_trial_trains_from_the_state_dict_it_is_handed_not_from_the_path(
@@ -199,13 +225,15 @@ def test_a_failed_trial_lets_go_of_its_model_before_its_error_is_handled(
         return model
 
     def fail(*args: Any, **kwargs: Any) -> float:
-        raise RuntimeError("CUDA out of memory")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     released: list[torch.device] = []
     monkeypatch.setattr(trainable, "create_model", create_model)
     monkeypatch.setattr(trainable, "train_one_epoch", fail)
     monkeypatch.setattr(trainable, "release_device_memory", released.append)
-    with pytest.raises(RuntimeError, match="out of memory") as error:
+    # An out-of-memory error may not recur (a neighbour held the memory): it
+    # propagates, for Tune to retry the trial.
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory") as error:
         train_trial(dict(CONFIG), tiny_data())
     # The error and its traceback are still alive here, as they are while Ray
     # handles them, yet the model is gone.
