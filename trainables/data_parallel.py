@@ -139,7 +139,8 @@ def train_data_parallel(
             storage_filesystem=storage.storage_filesystem,
             checkpoint_config=train.CheckpointConfig(num_to_keep=1),
             # Any failure fails the run, and the trial; Tune retries the trial from
-            # its last checkpoint (`max_failures` in the sweep file). A retry inside
+            # its last checkpoint (`max_failures` in the sweep file) when the failure
+            # was the infrastructure's (cxrtune.trainables.failures). A retry inside
             # Ray Train would restart from the state the run began with.
             # (Ray Train V2's FailureConfig; mypy sees the older one of the same name.)
             failure_config=train.FailureConfig(  # type: ignore[call-arg]
@@ -295,10 +296,11 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(trial.seed)  # the epoch order, shared
     model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
-    completed_epochs = restore(state, model, optimizer, generator) if state else 0
-    replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
     precision = choose_precision(device)
+    # Rank 0's scale is every worker's: all step on the same all-reduced gradients.
     scaler = grad_scaler(device, precision)
+    completed_epochs = restore(state, model, optimizer, generator, scaler) if state else 0
+    replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
     batch_size = math.ceil(trial.batch_size / world_size)
 
     train_images, train_labels = on_device(data.train_images, data.train_labels, device)
@@ -336,6 +338,6 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
         )
         with tempfile.TemporaryDirectory() as directory:
             save_epoch_checkpoint(
-                Path(directory), model, optimizer, trial, generator, data, metrics
+                Path(directory), model, optimizer, trial, generator, data, metrics, scaler
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -24,7 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cxrtune.trainables.checkpoints import newest_readable_state, save_checkpoint
+from cxrtune.trainables.checkpoints import (
+    CUDA_RNG_KEY,
+    GRAD_SCALER_KEY,
+    newest_readable_state,
+    save_checkpoint,
+)
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import (
     Precision,
@@ -147,9 +152,9 @@ def train_on_one_device(
     generator = torch.Generator().manual_seed(trial.seed)
     model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
-    completed_epochs = restore(state, model, optimizer, generator) if state else 0
     precision = choose_precision(device)
     scaler = grad_scaler(device, precision)
+    completed_epochs = restore(state, model, optimizer, generator, scaler) if state else 0
 
     train_images, train_labels = on_device(data.train_images, data.train_labels, device)
     val_images, val_labels = on_device(data.val_images, data.val_labels, device)
@@ -175,7 +180,7 @@ def train_on_one_device(
         )
         with tempfile.TemporaryDirectory() as directory:
             save_epoch_checkpoint(
-                Path(directory), model, optimizer, trial, generator, data, metrics
+                Path(directory), model, optimizer, trial, generator, data, metrics, scaler
             )
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
@@ -185,12 +190,22 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> int:
-    """Load a checkpoint's state into a fresh trial; returns the epochs it had completed."""
+    """Load a checkpoint's state into a fresh trial; returns the epochs it had completed.
+
+    The CUDA generator is restored when the checkpoint has one and CUDA is here;
+    ``scaler`` (an fp16 trial's) takes the checkpoint's scale when it has one. A
+    checkpoint written in another precision leaves the scaler as it starts.
+    """
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if CUDA_RNG_KEY in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state[CUDA_RNG_KEY].cpu())
+    if scaler is not None and GRAD_SCALER_KEY in state:
+        scaler.load_state_dict(state[GRAD_SCALER_KEY])
     return int(state["epoch"])
 
 
@@ -228,6 +243,7 @@ def save_epoch_checkpoint(
     generator: torch.Generator,
     data: TrialData,
     metrics: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write the checkpoint of the epoch ``metrics`` describe into ``directory``."""
     save_checkpoint(
@@ -240,6 +256,7 @@ def save_epoch_checkpoint(
         class_names=data.class_names,
         image_size=data.image_size,
         metrics=metrics,
+        scaler=scaler,
     )
 
 

@@ -112,6 +112,40 @@ def test_a_resumed_trial_continues_exactly_where_it_stopped(
         assert after_resume["val_macro_auc"] == original["val_macro_auc"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_resumed_fp16_trial_on_a_gpu_continues_exactly_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 9: dropout's CUDA generator and the GradScaler's scale come back on resume."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    # fp16 (not the bf16 a recent GPU gets) so that the trial has a GradScaler.
+    monkeypatch.setattr(trainable, "choose_precision", lambda device: "fp16")
+    gpu = trainable.AssignedResources(1, torch.device("cuda"), 1.0)
+
+    (tmp_path / "full").mkdir()
+    uninterrupted = FakeTune(monkeypatch, tmp_path / "full", resume_from=None)
+    monkeypatch.setattr(trainable, "assigned_resources", lambda: gpu)
+    train_trial(dict(CONFIG), tiny_data())
+
+    (tmp_path / "resumed").mkdir()
+    resumed = FakeTune(monkeypatch, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch1")
+    monkeypatch.setattr(trainable, "assigned_resources", lambda: gpu)
+    train_trial(dict(CONFIG), tiny_data())
+
+    assert [r["precision"] for r in uninterrupted.reports] == ["fp16"] * 3
+    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    for after_resume, original in zip(resumed.reports, uninterrupted.reports[1:], strict=True):
+        assert after_resume["train_loss"] == original["train_loss"]
+        assert after_resume["val_macro_auc"] == original["val_macro_auc"]
+    full, again = (
+        read_checkpoint(tmp_path / "full" / "epoch3"),
+        read_checkpoint(tmp_path / "resumed" / "epoch3"),
+    )
+    assert again["grad_scaler"] == full["grad_scaler"]
+    assert torch.equal(again["cuda_rng"], full["cuda_rng"])
+
+
 def test_an_unknown_config_key_ends_the_trial_with_its_error_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
