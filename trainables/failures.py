@@ -66,6 +66,9 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         worker_failures = getattr(current, "worker_failures", None)  # Ray Train
         if isinstance(worker_failures, dict):
             wrapped.extend(worker_failures.values())
+        # Ray Train's report of a worker that died between tasks (its health check
+        # failed) holds the actor's death here.
+        wrapped.append(getattr(current, "health_check_failure", None))
         pending.extend(item for item in wrapped if isinstance(item, BaseException))
 
 
@@ -73,7 +76,7 @@ def is_infrastructure_failure(error: BaseException) -> bool:
     """Whether ``error`` came from the machinery under the trial, so a retry may succeed.
 
     True when ``error`` or anything it wraps is a Ray infrastructure error (for
-    instance a Ray Train worker whose node died), a CUDA out-of-memory error
+    instance a Ray Train worker whose process or node died), a CUDA out-of-memory error
     (another trial sharing the GPU may have held the memory), or a
     ``ConnectionError``/``TimeoutError`` (storage or network hiccups).
     """

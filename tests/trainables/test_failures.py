@@ -30,6 +30,15 @@ def worker_lost_inside_the_trial() -> RuntimeError:
     return failure
 
 
+def a_data_parallel_worker_died() -> BaseException:
+    """What a data-parallel trial's Ray Train run ends with when one of its workers is killed."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
+    return WorkerGroupError("[Rank 1 Error Snippet]: ...", {1: died})
+
+
 OWN_FAILURES = [
     NonFiniteLossError("loss became nan at epoch 2"),
     ConfigError("unknown key 'drop_out'"),
@@ -43,6 +52,7 @@ INFRASTRUCTURE_FAILURES = [
     ConnectionError("storage connection reset"),
     worker_lost_inside_the_trial(),
     raised_by_a_worker(ActorDiedError()),
+    a_data_parallel_worker_died(),
 ]
 
 
