@@ -8,7 +8,9 @@ Layout, under ``storage_path/<experiment name>/``:
 - ``splits.csv``: path, label, group, split and content hash of every image;
 - one folder per trial (Ray's): ``params.json``, ``result.json`` (one JSON line
   per epoch), ``checkpoint_*/checkpoint.pt``, and ``error.txt`` if it failed (Tune
-  leaves it behind when a retry recovered the trial, which then reported again);
+  leaves it behind when a retry recovered the trial, which then reported again); a
+  trial that failed on its own instead ends ``result.json`` with a row holding its
+  error (``trial_error``);
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
 
 The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``):
@@ -30,6 +32,7 @@ import pandas as pd
 import yaml
 
 from cxrtune.analysis.storage import RemoteDir, RemoteFile, is_remote, mirror_dir, redacted
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 
 SWEEP_FILE = "sweep.yaml"
 DATASET_FILE = "dataset.json"
@@ -176,6 +179,12 @@ def read_trial(directory: Path) -> TrialRecord:
     else:  # a trial that never reported: its folder is named <trial id>_<family>
         family = str(config.get("family", ""))
         trial_id = directory.name.removesuffix(f"_{family}") if family else directory.name
+    if TRIAL_ERROR_KEY in results:
+        # A trial that failed on its own ended with a result holding only its error.
+        ended_by = results[TRIAL_ERROR_KEY].dropna()
+        if not ended_by.empty:
+            error = str(ended_by.iloc[-1])
+        results = results[results[TRIAL_ERROR_KEY].isna()].drop(columns=TRIAL_ERROR_KEY)
     return TrialRecord(
         trial_id=trial_id,
         directory=directory,

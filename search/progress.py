@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+
 
 class SweepProgress(Callback):
     """Prints what each trial is doing, with a running count of finished trials."""
@@ -27,8 +29,12 @@ class SweepProgress(Callback):
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.counted_earlier_trials:
             # A resumed sweep starts with the trials that ended before its driver died.
-            self.finished = sum(trial.status == "TERMINATED" for trial in trials)
-            self.errored = sum(trial.status == "ERROR" for trial in trials)
+            ended = [trial for trial in trials if trial.status in ("TERMINATED", "ERROR")]
+            self.errored = sum(
+                trial.status == "ERROR" or TRIAL_ERROR_KEY in (trial.last_result or {})
+                for trial in ended
+            )
+            self.finished = len(ended) - self.errored
             self.counted_earlier_trials = True
 
     def _print(self, message: str) -> None:
@@ -49,6 +55,9 @@ class SweepProgress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        if TRIAL_ERROR_KEY in result:
+            self._print(f"{self._name(trial)} ERROR, not retried: {result[TRIAL_ERROR_KEY]}")
+            return
         self._print(
             f"{self._name(trial)} epoch {result.get('epoch', '?')}/{self.max_epochs}"
             f"  val_covid_recall {result.get('val_covid_recall', float('nan')):.3f}"
@@ -57,6 +66,9 @@ class SweepProgress(Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if TRIAL_ERROR_KEY in (trial.last_result or {}):
+            self.errored += 1  # said when its error was reported
+            return
         self.finished += 1
         epochs = (trial.last_result or {}).get("epoch", 0)
         if epochs < self.max_epochs:

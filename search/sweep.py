@@ -47,7 +47,9 @@ from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_spli
 from cxrtune.trainables.trainable import TrialData
 
 if TYPE_CHECKING:
-    from ray.tune import ResultGrid, Tuner
+    from ray.tune import ResultGrid
+
+    from cxrtune.trainables.models import StateDict
 
 
 @dataclass(frozen=True)
@@ -273,11 +275,10 @@ def run_sweep(
         use_loopback_ray()  # before the imports below bring Ray in
     from cxrtune.search.progress import SweepProgress
     from cxrtune.search.tuner import build_tuner
-    from cxrtune.trainables.models import resolve_vgg16_weights
 
     experiment_dir, experiment_name = experiment_dir_for(config, name)
-    # Resolved before any data work or trial, so an offline machine fails at once.
-    vgg16_weights = resolve_vgg16_weights(config.weights) if "vgg16" in config.families else "none"
+    # Read before any data work or trial, so an offline machine or a bad file fails at once.
+    vgg16_weights, pretrained = pretrained_weights(config)
     if config.mlflow_uri:
         # Also before any data work: MLflow missing, or refusing a local store URI, fails
         # at once. A server is not contacted until the first trial starts.
@@ -303,19 +304,39 @@ def run_sweep(
         ),
         vgg16_weights=vgg16_weights,
         progress=progress,
+        pretrained=pretrained,
     )
-    results = fit_tuner(tuner)
+    results = tuner.fit()
     return SweepOutcome(
-        experiment_dir=experiment_dir, trials=len(results), errored=len(results.errors)
+        experiment_dir=experiment_dir, trials=len(results), errored=errored_trials(results)
     )
 
 
-def fit_tuner(tuner: Tuner) -> ResultGrid:
-    """``tuner.fit()``, retrying only the trials whose failure may not recur (``retry_policy``)."""
-    from cxrtune.search.retry_policy import retry_only_retryable_errors
+def pretrained_weights(config: SweepConfig) -> tuple[str, StateDict | None]:
+    """Where the sweep's pretrained VGG16 weights come from, and their state dict.
 
-    with retry_only_retryable_errors():
-        return tuner.fit()
+    Read here, on the driver, and handed to every trial through Ray's object
+    store: on a cluster the trials run on machines that cannot see this one's
+    disk (torch's hub cache, a user's file). ``("none", None)`` when no VGG16
+    trial is pretrained.
+    """
+    from cxrtune.trainables.models import read_vgg16_weights, resolve_vgg16_weights
+
+    if "vgg16" not in config.families:
+        return "none", None
+    source = resolve_vgg16_weights(config.weights)
+    return source, (read_vgg16_weights(source) if source != "none" else None)
+
+
+def errored_trials(results: ResultGrid) -> int:
+    """How many trials failed: on their own (ended by the trainable) or past their retries."""
+    from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+
+    own = sum(
+        results[index].error is None and TRIAL_ERROR_KEY in (results[index].metrics or {})
+        for index in range(len(results))
+    )
+    return own + len(results.errors)
 
 
 # What Ray writes into the experiment dir when the Tuner starts; its snapshot of the
@@ -332,13 +353,14 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
 
     Finished trials are kept as they are and unfinished ones continue from their
     last checkpoint. Trials that errored stay errored and are not run again:
-    the retry policy already retried every failure that could go away
-    (``max_failures``), so what is left is the trial's own error, which the
-    leaderboard lists. New trials are asked for only until the sweep has
-    ``num_samples``. The train and val arrays are rebuilt from the dir's
+    Tune already retried every failure that could go away (``max_failures``),
+    and a trial that failed on its own ended itself, so what is left is the
+    trial's own error, which the leaderboard lists. New trials are asked for
+    only until the sweep has ``num_samples``. The train and val arrays are rebuilt from the dir's
     ``sweep.yaml`` and ``splits.csv`` (reusing the dataset cache) and must be
     identical to the ones the sweep started with: a changed or missing image is a
     ``DataError``; a missing file of the experiment dir is an ``ExperimentError``.
+    Pretrained VGG16 weights are read again from the sweep's ``weights`` setting.
     """
     if not address:
         use_loopback_ray()  # before the imports below bring Ray in
@@ -359,6 +381,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     directory = Path(experiment_dir).expanduser().resolve()
     require_resumable(directory)
     config = load_sweep_config(directory / SWEEP_FILE)
+    _, pretrained = pretrained_weights(config)
     prepared = prepare_resumed_data(config, directory)
     print(describe_data(prepared.info))
     print(f"Resuming the sweep in {directory}")
@@ -366,22 +389,25 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     start_ray(address)
     tuner = tune.Tuner.restore(
         str(directory),
-        trainable=build_trainable(config, prepared.trial_data()),
+        trainable=build_trainable(config, prepared.trial_data(), pretrained),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,
     )
     recorded = tuner.get_results()
+    errored = errored_trials(recorded)
     print(
-        f"{len(recorded)} trial(s) recorded: {recorded.num_terminated} finished (kept), "
-        f"{recorded.num_errors} errored (stay errored), the rest continue from their "
-        "last checkpoint"
+        f"{len(recorded)} trial(s) recorded: "
+        f"{recorded.num_terminated + recorded.num_errors - errored} finished (kept), "
+        f"{errored} errored (stay errored), the rest continue from their last checkpoint"
     )
     set_aside_unrecorded_trials(
         directory, {Path(recorded[index].path).name for index in range(len(recorded))}
     )
-    results = fit_tuner(tuner)
-    return SweepOutcome(experiment_dir=directory, trials=len(results), errored=len(results.errors))
+    results = tuner.fit()
+    return SweepOutcome(
+        experiment_dir=directory, trials=len(results), errored=errored_trials(results)
+    )
 
 
 def require_resumable(directory: Path) -> None:

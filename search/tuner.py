@@ -27,6 +27,8 @@ from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, 
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.spaces import get_space
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+from cxrtune.trainables.models import StateDict
 from cxrtune.trainables.trainable import TrialData, WorkerResources, train_trial
 
 if TYPE_CHECKING:
@@ -156,6 +158,10 @@ class TrialIdOptunaSearch(OptunaSearch):
     ) -> None:
         if trial_id in self._completed_trials:
             return  # told before the driver died; Ray reran its last epochs after the snapshot
+        if result and TRIAL_ERROR_KEY in result:
+            # A trial that failed on its own ended itself with its error: a failed
+            # Optuna trial, not a pruned or complete one.
+            result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
     def restore(self, checkpoint_path: str) -> None:
@@ -321,15 +327,22 @@ class JournalUpload(tune.Callback):
         self.upload()
 
 
-def build_trainable(config: SweepConfig, data: TrialData) -> Any:
-    """``train_trial`` with the data in the object store and each family's resources.
+def build_trainable(
+    config: SweepConfig, data: TrialData, pretrained: StateDict | None = None
+) -> Any:
+    """``train_trial`` with the data and pretrained weights in the object store, and resources.
 
     Families with several ``workers`` get their workers' resources bound too: their
     trials run data-parallel under Ray Train.
     """
     resources = FamilyResourcesFn.for_sweep(config)
     return tune.with_resources(
-        tune.with_parameters(train_trial, data=data, data_parallel=data_parallel_resources(config)),
+        tune.with_parameters(
+            train_trial,
+            data=data,
+            data_parallel=data_parallel_resources(config),
+            pretrained=pretrained,
+        ),
         resources,
     )
 
@@ -354,15 +367,16 @@ def build_tuner(
     storage_path: str,
     vgg16_weights: str,
     progress: SweepProgress,
+    pretrained: StateDict | None = None,
 ) -> tune.Tuner:
-    """The ``Tuner`` that runs the sweep; ``data`` goes to the object store once.
+    """The ``Tuner`` that runs the sweep; ``data`` and ``pretrained`` go to the object store once.
 
     The experiment dir ``storage_path/experiment_name`` must exist: the Optuna
     journal is created in it here. Under an ``s3://`` storage path Ray is handed the
     store's pyarrow filesystem, and the journal lives in the driver's local folder for
     the experiment (``driver_files_dir``), uploaded as the sweep goes.
     """
-    trainable = build_trainable(config, data)
+    trainable = build_trainable(config, data, pretrained)
     scheduler = build_scheduler(config)
     # Ray adds a TensorBoard logger by default; naming it keeps the event files when
     # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set. It logs each metric as ray/tune/<key>.

@@ -1,8 +1,9 @@
 """The checkpoint file a trial writes each epoch, and how to read it back.
 
 One ``checkpoint.pt`` per checkpoint directory holds the model and optimizer
-state, the epoch, the random number states, the resolved ``TrialConfig`` and what the
-model needs to be rebuilt (class names, image size). It contains only tensors
+state, the epoch, the random number states (the CUDA one too when the trial
+uses CUDA), the fp16 loss scaler's state, the resolved ``TrialConfig`` and what
+the model needs to be rebuilt (class names, image size). It contains only tensors
 and builtins, so it loads with ``torch.load(weights_only=True)``.
 
 The file is written under a temporary name and renamed into place, so a reader
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from ray.tune import Checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Keys of the checkpoint state present only when they apply.
+CUDA_RNG_KEY = "cuda_rng"
+GRAD_SCALER_KEY = "grad_scaler"
 CHECKSUM_FILE = "checkpoint.sha256"
 # Why torch.load(weights_only=True) refused a file. It is never loaded another way: a
 # full unpickle of a file from elsewhere could run any code.
@@ -62,10 +66,12 @@ def save_checkpoint(
     class_names: tuple[str, ...],
     image_size: int,
     metrics: dict[str, float],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write ``directory/checkpoint.pt`` and its checksum; ``epoch`` is the epochs completed.
 
-    An existing checkpoint in ``directory`` stays intact until the new one is complete.
+    ``scaler`` is the fp16 trial's loss scaler (``None`` in fp32 and bf16). An
+    existing checkpoint in ``directory`` stays intact until the new one is complete.
     """
     path = directory / CHECKPOINT_FILE
     state = {
@@ -81,6 +87,15 @@ def save_checkpoint(
         "image_size": image_size,
         "metrics": dict(metrics),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout on a GPU draws from the CUDA generator. Only a process that has
+        # used CUDA has one worth saving; asking otherwise would start a CUDA
+        # context in a CPU trial.
+        state[CUDA_RNG_KEY] = torch.cuda.get_rng_state()
+    if scaler is not None:
+        # The scale the fp16 trial has learned: a fresh scaler would start over at
+        # 2**16 and skip steps until it had backed off again.
+        state[GRAD_SCALER_KEY] = scaler.state_dict()
     # Serialised in memory first, so the checksum costs no second read of the file.
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -34,7 +34,7 @@ class TrialConfig:
     weight_decay: float = 0.0  # L2 penalty (coupled for adam, decoupled for adamw)
     augment_strength: float = 0.0  # 0 = no augmentation, 1 = the strongest
     finetune_blocks: int = 0  # vgg16: how many of the last conv blocks train (0 = head only)
-    weights: str = "none"  # vgg16: "none" or the path of a state dict on this node
+    weights: str = "none"  # vgg16: "none" or where the driver read the pretrained state dict
     optimizer: str = "adam"
     max_epochs: int = 10
     seed: int = 0

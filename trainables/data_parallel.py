@@ -42,7 +42,7 @@ from cxrtune.trainables.engine import (
     shard_for_rank,
     train_one_epoch,
 )
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import StateDict, create_model
 from cxrtune.trainables.trainable import (
     TrialData,
     WorkerResources,
@@ -96,8 +96,12 @@ def train_data_parallel(
     data: TrialData,
     state: dict[str, Any] | None,
     resources: WorkerResources,
+    pretrained: StateDict | None = None,
 ) -> None:
     """Run the trial as a Ray Train run on ``resources.workers`` workers; the Tune trial drives.
+
+    ``pretrained`` (the VGG16 weights the config names) reaches the workers through
+    the object store, as the data do.
 
     Raises what the workers raised (wrapped by Ray Train) when training fails.
     """
@@ -120,6 +124,7 @@ def train_data_parallel(
             # Into the object store once; every worker on a node reads the same memory.
             "data": ray.put(data),
             "state": ray.put(state) if state is not None else None,
+            "pretrained": ray.put(pretrained) if pretrained is not None else None,
             "threads": max(1, int(resources.cpus)),
             "gpus": resources.gpus,
         },
@@ -134,7 +139,8 @@ def train_data_parallel(
             storage_filesystem=storage.storage_filesystem,
             checkpoint_config=train.CheckpointConfig(num_to_keep=1),
             # Any failure fails the run, and the trial; Tune retries the trial from
-            # its last checkpoint (`max_failures` in the sweep file). A retry inside
+            # its last checkpoint (`max_failures` in the sweep file) when the failure
+            # was the infrastructure's (cxrtune.trainables.failures). A retry inside
             # Ray Train would restart from the state the run began with.
             # (Ray Train V2's FailureConfig; mypy sees the older one of the same name.)
             failure_config=train.FailureConfig(  # type: ignore[call-arg]
@@ -278,6 +284,9 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     trial = TrialConfig.from_dict(loop_config["trial"])
     data: TrialData = ray.get(loop_config["data"])
     state = ray.get(loop_config["state"]) if loop_config["state"] is not None else None
+    pretrained = (
+        ray.get(loop_config["pretrained"]) if loop_config["pretrained"] is not None else None
+    )
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads"])
     if device.type == "cuda":
@@ -285,12 +294,13 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)  # the epoch order, shared
-    model = create_model(trial, len(data.class_names), data.image_size).to(device)
+    model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
-    completed_epochs = restore(state, model, optimizer, generator) if state else 0
-    replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
     precision = choose_precision(device)
+    # Rank 0's scale is every worker's: all step on the same all-reduced gradients.
     scaler = grad_scaler(device, precision)
+    completed_epochs = restore(state, model, optimizer, generator, scaler) if state else 0
+    replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
     batch_size = math.ceil(trial.batch_size / world_size)
 
     train_images, train_labels = on_device(data.train_images, data.train_labels, device)
@@ -328,6 +338,6 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
         )
         with tempfile.TemporaryDirectory() as directory:
             save_epoch_checkpoint(
-                Path(directory), model, optimizer, trial, generator, data, metrics
+                Path(directory), model, optimizer, trial, generator, data, metrics, scaler
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

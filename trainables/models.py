@@ -15,7 +15,10 @@ from torch import nn
 
 from cxrtune.trainables.config import VGG16_BLOCKS, TrialConfig
 
-ModelBuilder = Callable[[TrialConfig, int, int], nn.Module]
+# A state dict: parameter name -> tensor.
+StateDict = dict[str, torch.Tensor]
+# (config, number of classes, image size, pretrained state dict or None) -> model
+ModelBuilder = Callable[[TrialConfig, int, int, StateDict | None], nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {}
 
@@ -23,6 +26,10 @@ MODELS: dict[str, ModelBuilder] = {}
 # normalised this way, and the small CNNs train just as well with them.
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had, or do not fit the model."""
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -37,8 +44,13 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorate
 
 
-def create_model(config: TrialConfig, num_classes: int, image_size: int) -> nn.Module:
+def create_model(
+    config: TrialConfig, num_classes: int, image_size: int, pretrained: StateDict | None = None
+) -> nn.Module:
     """Build the model ``config.family`` names; unknown families raise listing the known ones.
+
+    ``pretrained`` holds the pretrained weights ``config.weights`` names, read on
+    the driver (``read_vgg16_weights``); only families that have them take them.
 
     The model comes in channels-last memory format, which makes its convolutions
     about 1.3x faster on CPU and lets GPUs use their tensor-core kernels.
@@ -48,7 +60,8 @@ def create_model(config: TrialConfig, num_classes: int, image_size: int) -> nn.M
     except KeyError:
         known = ", ".join(sorted(MODELS))
         raise ValueError(f"unknown model family {config.family!r}; known: {known}") from None
-    return builder(config, num_classes, image_size).to(memory_format=torch.channels_last)
+    model = builder(config, num_classes, image_size, pretrained)
+    return model.to(memory_format=torch.channels_last)
 
 
 def _conv_block(in_channels: int, out_channels: int, *, batch_norm: bool) -> list[nn.Module]:
@@ -85,15 +98,26 @@ def _small_cnn(
     )
 
 
+def _no_pretrained_weights(config: TrialConfig, pretrained: StateDict | None) -> None:
+    if pretrained is not None:
+        raise ValueError(f"{config.family} has no pretrained weights to load")
+
+
 @register_model("baseline_cnn")
-def baseline_cnn(config: TrialConfig, num_classes: int, image_size: int) -> nn.Module:
+def baseline_cnn(
+    config: TrialConfig, num_classes: int, image_size: int, pretrained: StateDict | None
+) -> nn.Module:
     """The original study's plain CNN: no batch norm, no dropout; the control."""
+    _no_pretrained_weights(config, pretrained)
     return _small_cnn(num_classes, image_size, batch_norm=False, dropout=0.0)
 
 
 @register_model("regularized_cnn")
-def regularized_cnn(config: TrialConfig, num_classes: int, image_size: int) -> nn.Module:
+def regularized_cnn(
+    config: TrialConfig, num_classes: int, image_size: int, pretrained: StateDict | None
+) -> nn.Module:
     """The same trunk with batch norm and dropout; L2 comes from the optimizer's weight decay."""
+    _no_pretrained_weights(config, pretrained)
     return _small_cnn(num_classes, image_size, batch_norm=True, dropout=config.dropout)
 
 
@@ -141,13 +165,13 @@ def _split_vgg_blocks(features: nn.Sequential) -> list[list[nn.Module]]:
     return blocks
 
 
-def load_vgg16_features(weights: str) -> nn.Sequential:
+def load_vgg16_features(pretrained: StateDict | None = None) -> nn.Sequential:
     """torchvision's VGG16 conv trunk, with its first conv turned to one input channel.
 
-    ``weights`` is ``"none"`` (random init) or the path of a state dict of the
-    whole torchvision VGG16 (as ``VGG16_Weights.IMAGENET1K_V1`` ships it) or of its
-    ``features`` alone. The RGB kernels of the first conv are summed, so a gray
-    image gives the response the RGB network gave to the same gray image.
+    ``pretrained`` is a state dict of the trunk (``read_vgg16_weights`` gives one),
+    or ``None`` for torchvision's random initialisation. The RGB kernels of the
+    first conv are summed, so a gray image gives the response the RGB network
+    gave to the same gray image.
     """
     # Imported here: a small-CNN trial starts almost a second sooner without torchvision.
     from torchvision.models.vgg import cfgs as vgg_configs
@@ -155,22 +179,14 @@ def load_vgg16_features(weights: str) -> nn.Sequential:
 
     # Only the conv trunk is built: the 120M-parameter classifier would be thrown away.
     features = make_vgg_layers(vgg_configs["D"], batch_norm=False)
-    for layer in features:
-        if isinstance(layer, nn.Conv2d):  # torchvision's VGG initialisation
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-    if weights != "none":
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"VGG16 weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        prefix = "features."
-        if any(key.startswith(prefix) for key in state):
-            state = {
-                key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
-            }
-        features.load_state_dict(state)
+    if pretrained is not None:
+        features.load_state_dict(pretrained)
+    else:
+        for layer in features:
+            if isinstance(layer, nn.Conv2d):  # torchvision's VGG initialisation
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
     first = features[0]
     assert isinstance(first, nn.Conv2d) and first.kernel_size == (3, 3)
     gray = nn.Conv2d(1, first.out_channels, kernel_size=3, padding=1)
@@ -183,20 +199,61 @@ def load_vgg16_features(weights: str) -> nn.Sequential:
 
 
 @register_model("vgg16")
-def vgg16(config: TrialConfig, num_classes: int, image_size: int) -> nn.Module:
-    """torchvision VGG16, ``config.finetune_blocks`` of its last conv blocks trained."""
+def vgg16(
+    config: TrialConfig, num_classes: int, image_size: int, pretrained: StateDict | None
+) -> nn.Module:
+    """torchvision VGG16, ``config.finetune_blocks`` of its last conv blocks trained.
+
+    A config naming pretrained ``weights`` needs their state dict in ``pretrained``:
+    the trial never opens the file itself, which is on the driver's machine.
+    """
     if image_size < 32:
         raise ValueError(f"vgg16 needs images of at least 32 px, got {image_size}")
-    features = load_vgg16_features(config.weights)
+    if config.weights != "none" and pretrained is None:
+        raise WeightsUnavailableError(
+            f"the trial config names VGG16 weights {config.weights!r}, but their state dict "
+            "was not handed to the trial"
+        )
+    if config.weights == "none" and pretrained is not None:
+        raise ValueError("pretrained VGG16 weights were handed to a trial whose weights are none")
+    try:
+        features = load_vgg16_features(pretrained)
+    except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen keys
+        raise WeightsUnavailableError(
+            f"VGG16 weights {config.weights} do not fit the VGG16 trunk: {error}"
+        ) from error
     return VGG16Classifier(features, num_classes, config.dropout, config.finetune_blocks)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be had on this machine."""
+def read_vgg16_weights(path: str) -> StateDict:
+    """The VGG16 conv-trunk state dict in the file at ``path``, on the CPU.
+
+    The file holds a state dict of the whole torchvision VGG16 (as
+    ``VGG16_Weights.IMAGENET1K_V1`` ships it) or of its ``features`` alone; only
+    the trunk is kept. Read on the driver, once per sweep; trials get the result
+    through Ray's object store. A file that is not such a state dict raises
+    ``WeightsUnavailableError`` naming it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise WeightsUnavailableError(f"{path} is not a VGG16 state dict: {error}") from error
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path} is not a VGG16 state dict: it holds a {type(state)}")
+    prefix = "features."
+    if any(key.startswith(prefix) for key in state):
+        state = {
+            key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
+        }
+    try:  # checked here, so a bad file fails the sweep and not every trial
+        load_vgg16_features(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise WeightsUnavailableError(f"{path} is not a VGG16 state dict: {error}") from error
+    return state
 
 
 def resolve_vgg16_weights(spec: str) -> str:
-    """Turn a sweep's ``weights`` setting into what trials load: ``"none"`` or a file path.
+    """Turn a sweep's ``weights`` setting into ``"none"`` or the file the driver reads.
 
     ``imagenet`` means torchvision's ``VGG16_Weights.IMAGENET1K_V1``, fetched once
     into torch's hub cache on the driver so that no trial downloads anything.
@@ -209,10 +266,6 @@ def resolve_vgg16_weights(spec: str) -> str:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"vgg16 weights file not found: {path}")
-        try:  # load once here, so a bad file fails the sweep and not every trial
-            load_vgg16_features(str(path))
-        except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
-            raise WeightsUnavailableError(f"{path} is not a VGG16 state dict: {error}") from error
         return str(path)
 
     from torchvision.models import VGG16_Weights

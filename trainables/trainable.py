@@ -1,10 +1,11 @@
 """The Ray Tune trainable: wiring only. The engine does the work.
 
-``train_trial(config, data)`` is a plain function trainable. The driver binds
-``data`` with ``tune.with_parameters`` so the arrays sit in Ray's object store
-once and every trial on a node reads the same memory. A trial whose family
-asks for more than one worker trains data-parallel (``data_parallel``); every
-other trial trains here, on the device Ray gave it.
+``train_trial(config, data, pretrained=...)`` is a plain function trainable. The
+driver binds ``data`` and the pretrained VGG16 weights with ``tune.with_parameters``
+so they sit in Ray's object store once and every trial on a node reads the same
+memory; no trial opens a file on the driver's disk, which on a cluster it cannot
+see. A trial whose family asks for more than one worker trains data-parallel
+(``data_parallel``); every other trial trains here, on the device Ray gave it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from cxrtune.trainables.checkpoints import newest_readable_state, save_checkpoint
+from cxrtune.trainables.checkpoints import (
+    CUDA_RNG_KEY,
+    GRAD_SCALER_KEY,
+    newest_readable_state,
+    save_checkpoint,
+)
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import (
     Precision,
@@ -34,8 +40,9 @@ from cxrtune.trainables.engine import (
     loss_class_weights,
     train_one_epoch,
 )
+from cxrtune.trainables.failures import own_failures_end_the_trial
 from cxrtune.trainables.metrics import classification_metrics
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import StateDict, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,30 +81,51 @@ def train_trial(
     config: dict[str, Any],
     data: TrialData,
     data_parallel: Mapping[str, WorkerResources] | None = None,
+    pretrained: StateDict | None = None,
 ) -> None:
     """Train one trial, reporting metrics and a checkpoint to Ray Tune every epoch.
 
     ``data_parallel`` maps the families that train on several workers to their
-    workers' resources; the others train in this process.
+    workers' resources; the others train in this process. ``pretrained`` is the
+    state dict of the sweep's pretrained VGG16 weights (read on the driver), used
+    by the trials whose config names weights.
+
+    A failure of the trial's own (a non-finite loss, a bad config, weights that do
+    not fit, a bug) ends it with a last result carrying the error, so Tune does not
+    retry it; an infrastructure failure propagates, for Tune to retry
+    (``cxrtune.trainables.failures``).
     """
+    with own_failures_end_the_trial():
+        run_trial(config, data, data_parallel, pretrained)
+
+
+def run_trial(
+    config: dict[str, Any],
+    data: TrialData,
+    data_parallel: Mapping[str, WorkerResources] | None,
+    pretrained: StateDict | None,
+) -> None:
+    """``train_trial``'s work: restore, then train in this process or data-parallel."""
     from ray import tune
 
     trial = TrialConfig.from_dict(config)
     state: dict[str, Any] | None = None
     if checkpoint := tune.get_checkpoint():
         state = newest_readable_state(checkpoint)
+    if trial.weights == "none":
+        pretrained = None
 
     if data_parallel and trial.family in data_parallel:
         from cxrtune.trainables.data_parallel import train_data_parallel
 
-        train_data_parallel(trial, data, state, data_parallel[trial.family])
+        train_data_parallel(trial, data, state, data_parallel[trial.family], pretrained)
         return
 
     assigned = assigned_resources()
     try:
         if assigned.device.type == "cuda":
             wait_for_device_memory(assigned.gpus, lambda: torch.cuda.mem_get_info(assigned.device))
-        train_on_one_device(trial, data, state, assigned.threads, assigned.device)
+        train_on_one_device(trial, data, state, assigned.threads, assigned.device, pretrained)
     except BaseException as error:
         # A stopped or failed trial leaves through an exception whose traceback
         # holds every frame's locals: the model, the optimizer and the dataset on
@@ -114,6 +142,7 @@ def train_on_one_device(
     state: dict[str, Any] | None,
     threads: int,
     device: torch.device,
+    pretrained: StateDict | None = None,
 ) -> None:
     """The epoch loop of a trial that trains in this process."""
     from ray import tune
@@ -121,11 +150,11 @@ def train_on_one_device(
     torch.set_num_threads(threads)
     torch.manual_seed(trial.seed)
     generator = torch.Generator().manual_seed(trial.seed)
-    model = create_model(trial, len(data.class_names), data.image_size).to(device)
+    model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
     optimizer = build_optimizer(trial, model)
-    completed_epochs = restore(state, model, optimizer, generator) if state else 0
     precision = choose_precision(device)
     scaler = grad_scaler(device, precision)
+    completed_epochs = restore(state, model, optimizer, generator, scaler) if state else 0
 
     train_images, train_labels = on_device(data.train_images, data.train_labels, device)
     val_images, val_labels = on_device(data.val_images, data.val_labels, device)
@@ -151,7 +180,7 @@ def train_on_one_device(
         )
         with tempfile.TemporaryDirectory() as directory:
             save_epoch_checkpoint(
-                Path(directory), model, optimizer, trial, generator, data, metrics
+                Path(directory), model, optimizer, trial, generator, data, metrics, scaler
             )
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
@@ -161,12 +190,22 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> int:
-    """Load a checkpoint's state into a fresh trial; returns the epochs it had completed."""
+    """Load a checkpoint's state into a fresh trial; returns the epochs it had completed.
+
+    The CUDA generator is restored when the checkpoint has one and CUDA is here;
+    ``scaler`` (an fp16 trial's) takes the checkpoint's scale when it has one. A
+    checkpoint written in another precision leaves the scaler as it starts.
+    """
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if CUDA_RNG_KEY in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state[CUDA_RNG_KEY].cpu())
+    if scaler is not None and GRAD_SCALER_KEY in state:
+        scaler.load_state_dict(state[GRAD_SCALER_KEY])
     return int(state["epoch"])
 
 
@@ -204,6 +243,7 @@ def save_epoch_checkpoint(
     generator: torch.Generator,
     data: TrialData,
     metrics: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write the checkpoint of the epoch ``metrics`` describe into ``directory``."""
     save_checkpoint(
@@ -216,6 +256,7 @@ def save_epoch_checkpoint(
         class_names=data.class_names,
         image_size=data.image_size,
         metrics=metrics,
+        scaler=scaler,
     )
 
 

@@ -237,3 +237,34 @@ def test_a_trial_that_failed_after_its_last_report_keeps_its_error(tmp_path: Pat
 def test_an_error_without_tunes_failure_header_stands(tmp_path: Path) -> None:
     folder = trial_folder(tmp_path, ["2026-01-05_10-00-10"], "NonFiniteLossError: nan\n")
     assert read_trial(folder).error == "NonFiniteLossError: nan"
+
+
+def test_a_trial_that_ended_itself_on_its_own_failure_is_read_with_that_error(
+    tmp_path: Path,
+) -> None:
+    """Item 8: no error.txt; the last result row holds the error, and is no epoch."""
+    folder = tmp_path / "a1b2c3d4_baseline_cnn"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"family": "baseline_cnn"}))
+    rows = [
+        {"trial_id": "a1b2c3d4", "epoch": 1, "val_macro_auc": 0.6},
+        {"trial_id": "a1b2c3d4", "trial_error": "NonFiniteLossError: loss became nan"},
+    ]
+    (folder / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    record = read_trial(folder)
+    assert record.error == "NonFiniteLossError: loss became nan"
+    assert record.results["epoch"].tolist() == [1]
+    assert "trial_error" not in record.results
+
+
+def test_a_trial_that_failed_on_its_own_before_its_first_epoch_keeps_its_id(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a1b2c3d4_baseline_cnn"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps({"family": "baseline_cnn"}))
+    row = {"trial_id": "a1b2c3d4", "trial_error": "ConfigError: unknown key 'drop_out'"}
+    (folder / "result.json").write_text(json.dumps(row) + "\n")
+    record = read_trial(folder)
+    assert record.trial_id == "a1b2c3d4" and record.results.empty
+    assert record.error == "ConfigError: unknown key 'drop_out'"

@@ -289,3 +289,48 @@ def test_trials_on_a_lost_worker_node_resume_from_their_checkpoints(
     assert all(len(trial_rows) == MAX_EPOCHS for trial_rows in rows.values())
     leaderboard = build_leaderboard(read_experiment(experiment))
     assert len(leaderboard.ranked) == NUM_SAMPLES and leaderboard.failed.empty
+
+
+def test_a_vgg16_trial_on_a_worker_node_trains_from_weights_only_the_driver_had(
+    tmp_path: Path, three_node_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 1: the weights file is gone before any trial starts; trials run on workers only."""
+    import torch
+    import torchvision
+
+    from cxrtune.search import sweep
+
+    torch.manual_seed(0)
+    reference = torchvision.models.vgg16(weights=None).state_dict()
+    weights = tmp_path / "driver-only" / "vgg16.pt"
+    weights.parent.mkdir()
+    torch.save(reference, weights)
+    prepare_data = sweep.prepare_data
+
+    def delete_weights_then_prepare_data(config: Any) -> Any:
+        shutil.rmtree(weights.parent)  # after the driver read the weights, before any trial
+        return prepare_data(config)
+
+    monkeypatch.setattr(sweep, "prepare_data", delete_weights_then_prepare_data)
+    overrides = tiny_sweep(
+        tmp_path,
+        families="[vgg16]",
+        weights=str(weights),
+        num_samples=1,
+        max_epochs=1,
+        grace_period=1,
+        max_failures=0,
+        **{"synthetic.n": 200, "resources.vgg16.cpus": 1},
+    )
+    config = load_sweep_config(None, overrides)
+    outcome = sweep.run_sweep(config, name="driver-weights", address=three_node_cluster.address)
+
+    assert not weights.exists()
+    assert outcome.trials == 1 and outcome.errored == 0
+    [trial_dir] = [path for path in (tmp_path / "driver-weights").iterdir() if path.is_dir()]
+    state = read_checkpoint(trial_dir / "checkpoint_000000")
+    # The quick space fine-tunes at most the last two blocks: the first conv is frozen.
+    expected = reference["features.0.weight"].sum(dim=1, keepdim=True)
+    assert torch.equal(state["model"]["frozen.0.weight"], expected)
+    leaderboard = build_leaderboard(read_experiment(tmp_path / "driver-weights"))
+    assert leaderboard.ranked["pretrained"].tolist() == [True]

@@ -56,3 +56,21 @@ def test_a_restored_searcher_reuses_trials_asked_after_the_snapshot_and_tells_no
     assert trials[0].values == [0.5, 0.75]  # told once, before the driver died
     assert [trial.state.name for trial in trials] == ["COMPLETE"] * 3 + ["RUNNING"]
     assert fresh is not None and fresh != orphan
+
+
+@pytest.mark.parametrize("objectives", ["[val_macro_auc]", "[val_covid_recall, val_macro_auc]"])
+def test_a_trial_that_ended_on_its_own_failure_is_a_failed_optuna_trial(
+    tmp_path: Path, objectives: str
+) -> None:
+    """Item 8: its last result holds its error and no objective; Optuna records a failure."""
+    from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+
+    config = load_sweep_config(
+        None, ["families=[baseline_cnn]", "space=quick", f"objectives={objectives}"]
+    )
+    journal = tmp_path / OPTUNA_JOURNAL
+    searcher = build_searcher(config, "none", journal)
+    searcher.suggest("ray-a")
+    searcher.on_trial_complete("ray-a", result={TRIAL_ERROR_KEY: "NonFiniteLossError: nan"})
+    [trial] = journal_trials(journal)
+    assert trial.state == optuna.trial.TrialState.FAIL

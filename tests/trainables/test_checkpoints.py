@@ -17,7 +17,7 @@ from cxrtune.trainables.checkpoints import (
     save_checkpoint,
 )
 from cxrtune.trainables.config import TrialConfig
-from cxrtune.trainables.models import create_model
+from cxrtune.trainables.models import create_model, read_vgg16_weights
 
 
 def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_path: Path) -> None:
@@ -31,7 +31,9 @@ def test_a_checkpoint_rebuilds_the_same_model_without_the_pretrained_file(tmp_pa
         finetune_blocks=1,
         weights=str(weights),
     )
-    model = create_model(config, num_classes=3, image_size=32)
+    model = create_model(
+        config, num_classes=3, image_size=32, pretrained=read_vgg16_weights(str(weights))
+    )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     directory = tmp_path / "checkpoint_000001"
     directory.mkdir()
@@ -149,3 +151,90 @@ def test_resuming_fails_loudly_when_no_checkpoint_of_the_trial_reads(tmp_path: P
     registered = Checkpoint.from_directory(tmp_path / "checkpoint_000000")
     with pytest.raises(CheckpointCorruptError, match="no readable checkpoint among 1"):
         newest_readable_state(registered)
+
+
+def save_and_restore(
+    directory: Path, scaler: torch.amp.GradScaler | None, fresh_scaler: torch.amp.GradScaler | None
+) -> dict[str, object]:
+    """Save a baseline_cnn checkpoint with ``scaler``, read it, restore it with ``fresh_scaler``."""
+    from cxrtune.trainables.trainable import restore
+
+    config = TrialConfig(family="baseline_cnn", lr=1e-3, batch_size=8, imbalance="none")
+    model = create_model(config, num_classes=2, image_size=16)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        directory,
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters()),
+        config=config,
+        epoch=2,
+        generator=torch.Generator().manual_seed(0),
+        class_names=("A", "B"),
+        image_size=16,
+        metrics={"epoch": 2},
+        scaler=scaler,
+    )
+    state = read_checkpoint(directory)
+    resumed = create_model(config, num_classes=2, image_size=16)
+    assert (
+        restore(
+            state, resumed, torch.optim.Adam(resumed.parameters()), torch.Generator(), fresh_scaler
+        )
+        == 2
+    )
+    return state
+
+
+def test_a_checkpoint_carries_the_fp16_loss_scale_into_the_resumed_trial(tmp_path: Path) -> None:
+    """Item 9: the GradScaler's learned scale and growth count survive a resume."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    scaler.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    scaler.update(new_scale=512.0)
+    scaler._growth_tracker.fill_(2)  # two clean steps since the last back-off
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+
+    state = save_and_restore(tmp_path / "checkpoint_000001", scaler, fresh)
+
+    assert state["grad_scaler"] == scaler.state_dict()
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.get_scale() == 512.0
+
+
+def test_a_checkpoint_without_a_scaler_leaves_a_resumed_fp16_scaler_as_it_starts(
+    tmp_path: Path,
+) -> None:
+    """A trial checkpointed in fp32 or bf16 and resumed on an fp16 GPU starts its scale afresh."""
+    fresh = torch.amp.GradScaler("cpu")
+    state = save_and_restore(tmp_path / "checkpoint_000001", None, fresh)
+    assert "grad_scaler" not in state
+    assert fresh.state_dict() == torch.amp.GradScaler("cpu").state_dict()
+
+
+def test_a_trial_that_used_cuda_saves_and_restores_the_cuda_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 9: dropout on a GPU draws from the CUDA generator, so a resume needs its state."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda new_state, device="cuda": restored.append(new_state)
+    )
+    state = save_and_restore(tmp_path / "checkpoint_000001", None, None)
+    assert torch.equal(state["cuda_rng"], cuda_state)
+    [set_to] = restored
+    assert torch.equal(set_to, cuda_state) and set_to.device.type == "cpu"
+
+
+def test_a_trial_that_never_used_cuda_saves_no_cuda_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking for the CUDA generator's state would start a CUDA context in a CPU trial."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", pytest.fail)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", pytest.fail)
+    state = save_and_restore(tmp_path / "checkpoint_000001", None, None)
+    assert "cuda_rng" not in state

@@ -15,6 +15,7 @@ from cxrtune.trainables.models import (
     VGG16Classifier,
     WeightsUnavailableError,
     create_model,
+    read_vgg16_weights,
     register_model,
     resolve_vgg16_weights,
 )
@@ -81,7 +82,10 @@ def test_vgg16_loads_a_state_dict_file_and_sums_the_rgb_kernels(tmp_path: Path, 
     torch.save(state, path)
 
     model = create_model(
-        config_for("vgg16", weights=str(path)), num_classes=4, image_size=IMAGE_SIZE
+        config_for("vgg16", weights=str(path)),
+        num_classes=4,
+        image_size=IMAGE_SIZE,
+        pretrained=read_vgg16_weights(str(path)),
     )
     first = model.frozen[0]
     expected = reference.features[0].weight.sum(dim=1, keepdim=True)
@@ -94,7 +98,7 @@ def test_vgg16_gray_input_matches_the_rgb_network_on_a_gray_image(tmp_path: Path
     reference = torchvision.models.vgg16(weights=None)
     path = tmp_path / "vgg16.pt"
     torch.save(reference.state_dict(), path)
-    features = models.load_vgg16_features(str(path))
+    features = models.load_vgg16_features(read_vgg16_weights(str(path)))
     gray = torch.rand(1, 1, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         assert torch.allclose(
@@ -147,17 +151,32 @@ def test_a_weights_file_that_is_not_a_vgg16_state_dict_is_refused_up_front(tmp_p
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsUnavailableError, match="garbage"):
-        resolve_vgg16_weights(str(garbage))
+        read_vgg16_weights(str(garbage))
     wrong = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(WeightsUnavailableError, match="resnet"):
-        resolve_vgg16_weights(str(wrong))
+        read_vgg16_weights(str(wrong))
 
 
 def test_a_valid_weights_file_resolves_to_its_absolute_path(tmp_path: Path) -> None:
     path = tmp_path / "vgg.pt"
     torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), path)
     assert resolve_vgg16_weights(str(path)) == str(path.resolve())
+
+
+def test_a_vgg16_trial_naming_weights_without_their_state_dict_is_refused() -> None:
+    """Item 1: a trial never falls back to opening the weights path itself."""
+    config = config_for("vgg16", weights="/only/on/the/driver/vgg16.pt")
+    with pytest.raises(WeightsUnavailableError, match="not handed to the trial"):
+        create_model(config, num_classes=4, image_size=IMAGE_SIZE)
+
+
+def test_weights_that_do_not_fit_the_vgg16_trunk_name_the_weights(tmp_path: Path) -> None:
+    state = torchvision.models.vgg16(weights=None).features.state_dict()
+    state["0.weight"] = torch.zeros(64, 3, 5, 5)
+    config = config_for("vgg16", weights="vgg16-odd.pt")
+    with pytest.raises(WeightsUnavailableError, match="vgg16-odd"):
+        create_model(config, num_classes=4, image_size=IMAGE_SIZE, pretrained=state)
 
 
 def test_the_model_registry_covers_exactly_the_families_the_spaces_search() -> None:

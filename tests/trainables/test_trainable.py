@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torchvision
 from ray import tune
 
 from cxrtune.trainables import trainable
 from cxrtune.trainables.checkpoints import read_checkpoint
+from cxrtune.trainables.engine import NonFiniteLossError
+from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 from cxrtune.trainables.trainable import TrialData, train_trial
 
 CONFIG = {
@@ -46,10 +49,10 @@ TRIAL_METRIC_KEYS = {
 }
 
 
-def tiny_data() -> TrialData:
+def tiny_data(size: int = 16) -> TrialData:
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], [8, 20, 20])
-    images = rng.integers(0, 256, (48, 1, 16, 16), dtype=np.uint8)
+    images = rng.integers(0, 256, (48, 1, size, size), dtype=np.uint8)
     images[labels == 0, :, 4:8, 4:8] = 255
     images.flags.writeable = False  # as arrays arrive from Ray's object store
     return TrialData(
@@ -74,9 +77,10 @@ class FakeTune:
         assigned = trainable.AssignedResources(1, torch.device("cpu"), 0.0)
         monkeypatch.setattr(trainable, "assigned_resources", lambda: assigned)
 
-    def report(self, metrics: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: tune.Checkpoint | None = None) -> None:
         self.reports.append(metrics)
-        shutil.copytree(checkpoint.path, self.keep / f"epoch{metrics['epoch']}")
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, self.keep / f"epoch{metrics['epoch']}")
 
 
 def test_every_epoch_reports_the_documented_keys_and_a_checkpoint(
@@ -108,13 +112,92 @@ def test_a_resumed_trial_continues_exactly_where_it_stopped(
         assert after_resume["val_macro_auc"] == original["val_macro_auc"]
 
 
-def test_an_unknown_config_key_fails_the_trial_before_training(
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_resumed_fp16_trial_on_a_gpu_continues_exactly_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 9: dropout's CUDA generator and the GradScaler's scale come back on resume."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    # fp16 (not the bf16 a recent GPU gets) so that the trial has a GradScaler.
+    monkeypatch.setattr(trainable, "choose_precision", lambda device: "fp16")
+    gpu = trainable.AssignedResources(1, torch.device("cuda"), 1.0)
+
+    (tmp_path / "full").mkdir()
+    uninterrupted = FakeTune(monkeypatch, tmp_path / "full", resume_from=None)
+    monkeypatch.setattr(trainable, "assigned_resources", lambda: gpu)
+    train_trial(dict(CONFIG), tiny_data())
+
+    (tmp_path / "resumed").mkdir()
+    resumed = FakeTune(monkeypatch, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch1")
+    monkeypatch.setattr(trainable, "assigned_resources", lambda: gpu)
+    train_trial(dict(CONFIG), tiny_data())
+
+    assert [r["precision"] for r in uninterrupted.reports] == ["fp16"] * 3
+    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    for after_resume, original in zip(resumed.reports, uninterrupted.reports[1:], strict=True):
+        assert after_resume["train_loss"] == original["train_loss"]
+        assert after_resume["val_macro_auc"] == original["val_macro_auc"]
+    full, again = (
+        read_checkpoint(tmp_path / "full" / "epoch3"),
+        read_checkpoint(tmp_path / "resumed" / "epoch3"),
+    )
+    assert again["grad_scaler"] == full["grad_scaler"]
+    assert torch.equal(again["cuda_rng"], full["cuda_rng"])
+
+
+def test_an_unknown_config_key_ends_the_trial_with_its_error_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     session = FakeTune(monkeypatch, tmp_path, resume_from=None)
-    with pytest.raises(ValueError, match="drop_out"):
-        train_trial({**CONFIG, "drop_out": 0.1}, tiny_data())
-    assert session.reports == []
+    train_trial({**CONFIG, "drop_out": 0.1}, tiny_data())
+    [report] = session.reports
+    assert set(report) == {TRIAL_ERROR_KEY}
+    assert (
+        report[TRIAL_ERROR_KEY].startswith("ConfigError:") and "drop_out" in report[TRIAL_ERROR_KEY]
+    )
+
+
+def test_a_non_finite_loss_ends_the_trial_with_its_error_after_the_epochs_it_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 8: the trial returns (Tune will not retry it) with a last result holding the error."""
+    session = FakeTune(monkeypatch, tmp_path, resume_from=None)
+    real_train_one_epoch = trainable.train_one_epoch
+
+    def diverge_in_epoch_two(*args: Any, **kwargs: Any) -> float:
+        if len(session.reports) == 1:
+            raise NonFiniteLossError("training loss became nan at step 3")
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainable, "train_one_epoch", diverge_in_epoch_two)
+    train_trial(dict(CONFIG), tiny_data())
+    assert [report.get("epoch") for report in session.reports] == [1, None]
+    assert session.reports[1] == {
+        TRIAL_ERROR_KEY: "NonFiniteLossError: training loss became nan at step 3"
+    }
+
+
+def test_a_vgg16_trial_trains_from_the_state_dict_it_is_handed_not_from_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 1: the weights path in the config exists only on the driver's machine."""
+    FakeTune(monkeypatch, tmp_path, resume_from=None)
+    torch.manual_seed(3)
+    features = torchvision.models.vgg16(weights=None).features.state_dict()
+    config = {
+        **CONFIG,
+        "family": "vgg16",
+        "finetune_blocks": 1,
+        "max_epochs": 1,
+        "weights": str(tmp_path / "never-written" / "vgg16.pt"),
+    }
+    train_trial(config, tiny_data(size=32), pretrained=features)
+    state = read_checkpoint(tmp_path / "epoch1")
+    # The first block stays frozen, so its conv holds the handed weights, RGB summed.
+    expected = features["0.weight"].sum(dim=1, keepdim=True)
+    assert torch.equal(state["model"]["frozen.0.weight"], expected)
+    assert state["trial_config"]["weights"] == config["weights"]
 
 
 class FakeClock:
@@ -176,13 +259,15 @@ def test_a_failed_trial_lets_go_of_its_model_before_its_error_is_handled(
         return model
 
     def fail(*args: Any, **kwargs: Any) -> float:
-        raise RuntimeError("CUDA out of memory")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     released: list[torch.device] = []
     monkeypatch.setattr(trainable, "create_model", create_model)
     monkeypatch.setattr(trainable, "train_one_epoch", fail)
     monkeypatch.setattr(trainable, "release_device_memory", released.append)
-    with pytest.raises(RuntimeError, match="out of memory") as error:
+    # An out-of-memory error may not recur (a neighbour held the memory): it
+    # propagates, for Tune to retry the trial.
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory") as error:
         train_trial(dict(CONFIG), tiny_data())
     # The error and its traceback are still alive here, as they are while Ray
     # handles them, yet the model is gone.
