@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrtune.trainables.dicom import DicomError, decode_dicom
+from cxrtune.trainables.dicom import DicomError, read_dicom
 from cxrtune.trainables.layouts import Layout, LayoutError, Listing, detect_layout, get_layout
 
 # Bump when decoding changes, so caches written by older code are not reused.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 
 Progress = Callable[[int, int], None]
+DICOM_MODE = "DICOM"
 
 
 class DataError(ValueError):
@@ -103,6 +104,7 @@ class IngestReport:
     classes: dict[str, int] = field(default_factory=dict)  # images per class, after policy
     sizes: dict[str, int] = field(default_factory=dict)  # "W x H" -> images
     modes: dict[str, int] = field(default_factory=dict)  # PIL mode (or DICOM) -> images
+    transfer_syntaxes: dict[str, int] = field(default_factory=dict)  # DICOM images per syntax
     patients: int = 0  # distinct patient ids (0 = none given)
     sources: int = 0
     duplicate_sets: int = 0  # contents that occur more than once
@@ -127,6 +129,9 @@ class IngestReport:
         lines += [f"  {name}: {count}" for name, count in self.classes.items()]
         lines.append("Sizes: " + _top(self.sizes))
         lines.append("Modes: " + _top(self.modes))
+        if self.transfer_syntaxes:
+            lines.append("DICOM transfer syntaxes:")
+            lines += [f"  {name}: {count}" for name, count in self.transfer_syntaxes.items()]
         groups = [f"{self.patients} patients" if self.patients else "no patient ids"]
         groups.append(f"{self.sources} sources" if self.sources else "no sources")
         lines.append("Groups: " + ", ".join(groups))
@@ -175,10 +180,12 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     EXIF rotation is applied; transparency is composited on black (the film
     background); 16-bit and float images are stretched to their own range rather
     than clipped, since X-ray PNGs often use only the low 12 bits. Images over
-    PIL's decompression-bomb limit are refused.
+    PIL's decompression-bomb limit are refused. A DICOM file's mode is
+    ``DICOM (<transfer syntax>)``.
     """
     if path.suffix.lower() == ".dcm":
-        return Image.fromarray(decode_dicom(path)), "DICOM"
+        pixels, syntax = read_dicom(path)
+        return Image.fromarray(pixels), f"{DICOM_MODE} ({syntax})"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as opened:
@@ -199,6 +206,13 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     elif image.mode == "CMYK":
         image = image.convert("RGB")
     return image.convert("L"), mode
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    """``DICOM (<syntax>)`` -> ``("DICOM", "<syntax>")``; any other mode -> ``(mode, "")``."""
+    if mode.startswith(f"{DICOM_MODE} (") and mode.endswith(")"):
+        return DICOM_MODE, mode[len(DICOM_MODE) + 2 : -1]
+    return mode, ""
 
 
 def resize(image: Image.Image, image_size: int) -> np.ndarray:
@@ -331,7 +345,10 @@ def ingest(
 
     failures = extras.failures
     report = IngestReport(data=str(data), layout=chosen.name, notes=list(extras.notes))
-    report.sizes, report.modes = dict(Counter(extras.sizes)), dict(Counter(extras.modes))
+    modes = [split_mode(mode) for mode in extras.modes]
+    report.sizes = dict(Counter(extras.sizes))
+    report.modes = dict(Counter(mode for mode, _ in modes))
+    report.transfer_syntaxes = dict(Counter(syntax for _, syntax in modes if syntax))
     report.bad_files = failures
     if failures and not skip_bad_images:
         listing_text = "\n  ".join(f"{bad['path']}: {bad['reason']}" for bad in failures)
@@ -438,7 +455,8 @@ class CacheExtras:
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     notes: list[str] = field(default_factory=list)  # the layout's notes
     sizes: list[str] = field(default_factory=list)  # per readable image, "W x H"
-    modes: list[str] = field(default_factory=list)  # per readable image, PIL mode or DICOM
+    # per readable image, PIL mode or DICOM (<transfer syntax>)
+    modes: list[str] = field(default_factory=list)
 
 
 def write_cache(dataset: Dataset, cache_path: Path, extras: CacheExtras | None = None) -> None:

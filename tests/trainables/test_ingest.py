@@ -265,6 +265,45 @@ def test_dicom_files_are_ingested_beside_pngs(tmp_path: Path) -> None:
     result = ingest(root, 16)
     assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
     assert result.report.modes["DICOM"] == 2
+    assert result.report.transfer_syntaxes == {"Explicit VR Little Endian": 2}
+
+
+def test_compressed_dicom_is_ingested_and_counted_per_transfer_syntax(tmp_path: Path) -> None:
+    """Issue item 1: the ingest report and `data inspect` count images per transfer syntax."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "data"
+    compressed = {
+        # The MR_small files hold one picture in four encodings: lossless, so equal pixels.
+        "COVID": [
+            "MR_small_RLE.dcm",
+            "MR_small_jp2klossless.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
+            "MR_small_bigendian.dcm",
+        ],
+        "Normal": ["JPGExtended.dcm", "image_dfl.dcm"],
+    }
+    for class_name, names in compressed.items():
+        (root / class_name).mkdir(parents=True)
+        for name in names:
+            shutil.copy(str(get_testdata_file(name)), root / class_name / name)
+    result = ingest(root, 16, cache_dir=tmp_path / "cache")
+    assert result.dataset.class_counts() == {"COVID": 4, "Normal": 2}
+    assert result.report.duplicate_sets == 1 and result.report.duplicate_images == 4
+    assert result.report.transfer_syntaxes == {
+        "RLE Lossless": 1,
+        "JPEG 2000 Image Compression (Lossless Only)": 1,
+        "JPEG Extended (Process 2 and 4)": 1,
+        "JPEG-LS Lossless Image Compression": 1,
+        "Explicit VR Big Endian": 1,
+        "Deflated Explicit VR Little Endian": 1,
+    }
+    text = result.report.to_text()
+    assert "DICOM transfer syntaxes:" in text and "  RLE Lossless: 1" in text
+    cached = ingest(root, 16, cache_dir=tmp_path / "cache")
+    assert cached.report.transfer_syntaxes == result.report.transfer_syntaxes
 
 
 def test_a_manifest_with_patients_spanning_many_images_splits_without_leaks(
