@@ -183,6 +183,10 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out every copy of an image found under two labels instead of stopping",
     )
+    parser.add_argument(
+        "--manifest-encoding",
+        help="text encoding of a CSV manifest, e.g. latin-1 (default: UTF-8, BOM or not)",
+    )
 
 
 def ingest_overrides(args: argparse.Namespace) -> list[str]:
@@ -196,6 +200,8 @@ def ingest_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append("skip_bad_images=true")
     if args.drop_conflicting_duplicates:
         overrides.append("drop_conflicting_duplicates=true")
+    if args.manifest_encoding:
+        overrides.append(f"manifest_encoding={args.manifest_encoding}")
     return overrides
 
 

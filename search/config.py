@@ -95,6 +95,7 @@ class SweepConfig:
         False  # skip unreadable images (listed in the report) instead of stopping
     )
     drop_conflicting_duplicates: bool = False  # drop an image found under two labels, not stop
+    manifest_encoding: str | None = None  # a CSV manifest's text encoding; None = UTF-8
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked

@@ -109,6 +109,7 @@ def ingest_with_progress(
             layout=config.layout,
             skip_bad_images=config.skip_bad_images,
             drop_conflicting_duplicates=config.drop_conflicting_duplicates,
+            manifest_encoding=config.manifest_encoding,
             progress=progress,
         )
     return result.dataset, result.report, result.cache_path, result.layout

@@ -29,7 +29,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrtune.trainables.dicom import DicomError, read_dicom
-from cxrtune.trainables.layouts import Layout, LayoutError, Listing, detect_layout, get_layout
+from cxrtune.trainables.layouts import (
+    Layout,
+    LayoutError,
+    Listing,
+    Sample,
+    detect_layout,
+    get_layout,
+    list_manifest,
+)
 
 # Bump when decoding changes, so caches written by older code are not reused.
 CACHE_FORMAT_VERSION = 3
@@ -302,7 +310,14 @@ def fingerprint(listing: Listing, layout: str, image_size: int) -> str:
             signature = f"{stat.st_size}\0{stat.st_mtime_ns}"
         except OSError:
             signature = "missing"
-        fields = (str(sample.path), sample.label, sample.patient, sample.source, sample.split)
+        fields = (
+            str(sample.path),
+            sample.label,
+            sample.patient,
+            sample.source,
+            sample.split,
+            str(sample.line),
+        )
         digest.update(("\0".join(fields) + f"\0{signature}\n").encode())
     return digest.hexdigest()[:24]
 
@@ -314,6 +329,7 @@ def ingest(
     layout: str = "auto",
     skip_bad_images: bool = False,
     drop_conflicting_duplicates: bool = False,
+    manifest_encoding: str | None = None,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> Ingested:
@@ -321,14 +337,18 @@ def ingest(
 
     Raises ``DataError`` listing every unreadable file (unless ``skip_bad_images``),
     every image found under two labels (unless ``drop_conflicting_duplicates``), and
-    for fewer than two classes or a class without images.
+    for fewer than two classes or a class without images. ``manifest_encoding`` is the
+    text encoding of a CSV manifest (default UTF-8, with or without a byte-order mark).
     """
     data = Path(data).expanduser().resolve()
     if not data.exists():
         raise DataError(f"dataset not found: {data}")
     try:
         chosen: Layout = detect_layout(data) if layout == "auto" else get_layout(layout)
-        listing = chosen.list_samples(data)
+        if chosen.name == "manifest":
+            listing = list_manifest(data, encoding=manifest_encoding)
+        else:
+            listing = chosen.list_samples(data)
     except (LayoutError, ValueError) as error:
         raise DataError(str(error)) from error
     _check_classes(data, listing)
@@ -388,7 +408,7 @@ def _as_dataset(listing: Listing, decoded: _Decoded, base: Path) -> tuple[Datase
     samples = listing.samples
     relative = [_relative(sample.path, base) for sample in samples]
     failures = [
-        {"path": relative[index], "reason": decoded.reasons[index]}
+        {"path": relative[index], "reason": decoded.reasons[index] + _line_of(samples[index])}
         for index in np.flatnonzero(~decoded.ok)
     ]
     good = np.flatnonzero(decoded.ok)
@@ -409,6 +429,10 @@ def _as_dataset(listing: Listing, decoded: _Decoded, base: Path) -> tuple[Datase
         modes=[decoded.modes[i] for i in good],
     )
     return dataset, extras
+
+
+def _line_of(sample: Sample) -> str:
+    return f" (manifest line {sample.line})" if sample.line else ""
 
 
 def _relative(path: Path, base: Path) -> str:

@@ -92,6 +92,22 @@ def test_data_inspect_reports_counts_sizes_modes_and_duplicates(
     assert "Exact duplicates: 1 contents in 2 images" in result.stdout
 
 
+def test_data_inspect_reads_a_latin1_manifest_only_when_told_its_encoding(tmp_path: Path) -> None:
+    """Issue item 2: exit 2 naming the line, or a report with --manifest-encoding."""
+    from tests.trainables.test_ingest import four_scans
+
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    rows = [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},Hôpital" for i in range(4)]
+    manifest.write_bytes(("path,label,source\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    refused = run_cli("data", "inspect", str(manifest))
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert "line 2 is not UTF-8" in refused.stderr and "Traceback" not in refused.stderr
+    read = run_cli("data", "inspect", str(manifest), "--manifest-encoding", "latin-1")
+    assert read.returncode == EXIT_OK, read.stderr
+    assert "COVID: 2" in read.stdout
+
+
 def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(tmp_path: Path) -> None:
     from tests.trainables.test_ingest import make_folder_with_bad_files
 

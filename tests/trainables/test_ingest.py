@@ -140,7 +140,7 @@ def test_a_manifest_gives_paths_labels_patients_and_sources(tmp_path: Path) -> N
     [
         ({"path": ["a.png"], "labels": ["COVID"]}, "missing column"),
         ({"path": ["a.png"], "label": ["COVID"], "patient": ["p"]}, "unknown column"),
-        ({"path": ["a.png", ""], "label": ["COVID", "Normal"]}, "empty 'path' in row"),
+        ({"path": ["a.png", ""], "label": ["COVID", "Normal"]}, "empty 'path' on line"),
         ({"path": ["a.png"], "label": ["COVID"], "split": ["training"]}, "split must be one of"),
     ],
 )
@@ -151,6 +151,86 @@ def test_a_malformed_manifest_is_an_error_saying_what_is_wrong(
     pd.DataFrame(columns).to_csv(manifest, index=False)
     with pytest.raises(DataError, match=message):
         ingest(manifest, 16)
+
+
+def four_scans(root: Path) -> None:
+    for index in range(4):
+        write_png(root / "scans" / f"{index}.png", distinct_pixels(2000 + index))
+
+
+def test_a_utf8_manifest_reads_with_or_without_a_byte_order_mark(tmp_path: Path) -> None:
+    """Issue item 2: spreadsheet programs write UTF-8 with a BOM; both forms read."""
+    four_scans(tmp_path)
+    text = "path,label,source\n" + "".join(
+        f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},Hôpital Sud\n" for i in range(4)
+    )
+    for name, prefix in (("plain.csv", b""), ("bom.csv", b"\xef\xbb\xbf")):
+        (tmp_path / name).write_bytes(prefix + text.encode("utf-8"))
+        result = ingest(tmp_path / name, 16, cache_dir=tmp_path / "cache")
+        assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
+        assert set(result.dataset.sources) == {"Hôpital Sud"}
+
+
+def test_a_latin1_manifest_names_its_line_unless_the_encoding_is_given(tmp_path: Path) -> None:
+    """Issue item 2: another encoding is a clear error naming the line, or reads when named."""
+    four_scans(tmp_path)
+    lines = ["path,label,source"]
+    lines += [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},site" for i in range(3)]
+    lines.append("scans/3.png,Normal,Hôpital Sud")
+    manifest = tmp_path / "latin.csv"
+    manifest.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"line 5 is not UTF-8 text .*--manifest-encoding"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    result = ingest(manifest, 16, manifest_encoding="latin-1", cache_dir=tmp_path / "cache")
+    assert "Hôpital Sud" in result.dataset.sources
+    with pytest.raises(DataError, match="unknown manifest encoding 'klingon'"):
+        ingest(manifest, 16, manifest_encoding="klingon", cache_dir=tmp_path / "cache")
+
+
+def test_manifest_columns_match_loosely_and_paths_may_be_absolute(tmp_path: Path) -> None:
+    """Issue item 2: `Patient ID`, `patientid`, `patient_id`; absolute or CSV-relative paths."""
+    four_scans(tmp_path)
+    absolute = (tmp_path / "scans" / "3.png").resolve()
+    for header in ("Path, Label ,Patient ID", "PATH,label,patientid", "path,LABEL,patient_id"):
+        manifest = tmp_path / "lists" / "m.csv"
+        manifest.parent.mkdir(exist_ok=True)
+        manifest.write_text(
+            f"{header}\n../scans/0.png,COVID,p1\n../scans/1.png,COVID,p1\n"
+            f"../scans/2.png,Normal,p2\n{absolute},Normal,p3\n"
+        )
+        dataset = ingest(manifest, 16, cache_dir=tmp_path / "cache").dataset
+        assert dataset.patients == ("p1", "p1", "p2", "p3")
+        assert dataset.paths[-1] == absolute.as_posix()
+    manifest.write_text("path,label,Patient ID,patient_id\nscans/0.png,COVID,p,p\n")
+    with pytest.raises(DataError, match="given twice"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+
+
+def test_manifest_rows_without_a_label_are_listed_and_left_out(tmp_path: Path) -> None:
+    """Issue item 2: an empty label is never guessed."""
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "path,label\nscans/0.png,COVID\nscans/1.png,\nscans/2.png,Normal\nscans/3.png, \n"
+    )
+    for _ in range(2):  # the second read comes from the cache
+        result = ingest(manifest, 16, cache_dir=tmp_path / "cache")
+        assert result.dataset.paths == ("scans/0.png", "scans/2.png")
+        assert result.report.notes == ["m.csv: 2 row(s) with an empty label left out, line(s) 3, 5"]
+
+
+def test_a_manifest_row_whose_file_is_missing_is_named_by_line_and_follows_bad_image_rules(
+    tmp_path: Path,
+) -> None:
+    """Issue item 2: refused (listed with the line) unless --skip-bad-images."""
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    rows = [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'}" for i in range(4)]
+    manifest.write_text("path,label\n" + "\n".join([*rows, "scans/gone.png,Normal"]) + "\n")
+    with pytest.raises(DataError, match=r"scans/gone.png: file not found \(manifest line 6\)"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    result = ingest(manifest, 16, skip_bad_images=True, cache_dir=tmp_path / "cache")
+    assert result.report.skipped == 1 and len(result.dataset.paths) == 4
 
 
 def make_folder_with_bad_files(root: Path) -> Path:
