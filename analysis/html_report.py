@@ -326,6 +326,24 @@ def write_report(
         ],
     )
 
+    external = []
+    if experiment.dataset.test_source:
+        test_images = sum(experiment.dataset.split_counts.get("test", {}).values())
+        external = [
+            _section(
+                "external-test",
+                "Internal val vs external test",
+                [
+                    f"<p>Test is every image of source <b>"
+                    f"{html.escape(experiment.dataset.test_source)}</b> ({test_images} images), "
+                    "which no trial saw; val comes from the other sources. A gap is test minus "
+                    "val: how much each family's best model loses at the unseen site. Test "
+                    "numbers carry their 95% bootstrap interval.</p>",
+                    _side_by_side(report.external_test_gap(comparison), "family"),
+                ],
+            )
+        ]
+
     strategies = report.imbalance_comparison(ranked)
     imbalance = _section(
         "imbalance",
@@ -363,6 +381,7 @@ def write_report(
         _data_section(experiment.directory, report.split_counts(experiment.dataset)),
         pareto,
         families,
+        *external,
         imbalance,
         ensemble,
         _trial_sections(experiment, leaderboard, top, figures),

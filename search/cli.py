@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a sweep-file key, e.g. --set num_samples=50 --set resources.vgg16.gpus=1",
     )
+    sweep.add_argument(
+        "--test-source",
+        metavar="NAME",
+        help="hold out every image of source NAME as the test split (an external-site test)",
+    )
     sweep.add_argument("--name", help="experiment folder name (default: <name>-<timestamp>)")
     sweep.add_argument(
         "--address", help="address of a running Ray cluster (default: start one locally)"
@@ -230,6 +235,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         overrides.append(f"data={args.data}")
     if args.mlflow_uri is not None:
         overrides.append(f"mlflow_uri={args.mlflow_uri}")
+    if args.test_source is not None:
+        overrides.append(f"test_source={args.test_source}")
     config = load_sweep_config(args.sweep_file, overrides)
     outcome = run_sweep(config, name=args.name, address=args.address)
     return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)

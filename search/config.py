@@ -100,6 +100,7 @@ class SweepConfig:
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked
     splits: SplitFractions = field(default_factory=SplitFractions)
+    test_source: str | None = None  # hold out this source as the test split (external site)
     target_specificity: float = 0.95  # the operating point: threshold chosen on val for this
     bootstrap_resamples: int = 1000  # for the 95% confidence intervals of test metrics
     seed: int = 0  # splits, sampler and model initialisation

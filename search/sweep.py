@@ -128,6 +128,7 @@ def prepare_data(config: SweepConfig) -> PreparedData:
         val_fraction=config.splits.val,
         test_fraction=config.splits.test,
         seed=config.seed,
+        test_source=config.test_source,
     )
     counts = {
         split: {
@@ -155,6 +156,7 @@ def prepare_data(config: SweepConfig) -> PreparedData:
         duplicate_images=report.duplicate_images,
         skipped_images=report.skipped,
         dropped_images=report.dropped_conflicting,
+        test_source=config.test_source or "",
     )
     return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
 

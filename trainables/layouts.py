@@ -269,15 +269,24 @@ def _is_image_folder(data: Path) -> bool:
 
 @register_layout("imagefolder", detect=_is_image_folder)
 def list_image_folder(root: Path) -> Listing:
-    """``ROOT/<class>/**/<image>``: the class is the top folder; hidden entries are skipped."""
+    """``ROOT/<class>/**/<image>``: the class is the top folder; hidden entries are skipped.
+
+    An image in a subfolder of its class folder (``COVID/site a/1.png``) has that
+    subfolder's name as its source, so merged collections can be told apart.
+    """
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
     folders = _class_dirs(root)
     return Listing(
         samples=[
-            Sample(path=path, label=folder.name)
+            Sample(path=path, label=folder.name, source=_subfolder_of(path, folder))
             for folder in folders
             for path in _images_under(folder, root)
         ],
         classes=[folder.name for folder in folders],
     )
+
+
+def _subfolder_of(path: Path, folder: Path) -> str:
+    parts = path.relative_to(folder).parts
+    return parts[0] if len(parts) > 1 else ""

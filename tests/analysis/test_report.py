@@ -295,6 +295,28 @@ def test_the_family_comparison_sets_each_family_s_best_ranked_trial_side_by_side
     assert comparison.loc["vgg16"].isna().all()  # never ranked
 
 
+def test_the_external_test_gap_is_test_minus_val_per_family_with_the_test_interval() -> None:
+    """Issue item 3: internal val against the external test source, per family."""
+    ranked = ranked_table(
+        [
+            ("b1", "baseline_cnn", "none", 0.9, 0.9, 0.7),
+            ("r1", "regularized_cnn", "none", 0.8, 0.8, 0.78),
+        ]
+    )
+    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    assert gap.loc["baseline_cnn", "macro_auc_gap"] == pytest.approx(-0.2)
+    assert gap.loc["baseline_cnn", "covid_recall_gap"] == pytest.approx(-0.1)
+    assert gap.loc["baseline_cnn", "test_macro_auc_low"] == pytest.approx(0.65)
+    # val 0.9 lies outside test's [0.65, 0.75]; r1's val 0.8 is inside [0.73, 0.83] for AUC
+    # but its recall 0.8 is outside [0.65, 0.75].
+    assert gap.loc["baseline_cnn", "val_inside_test_interval"] == "no"
+    assert pd.isna(gap.loc["vgg16", "val_inside_test_interval"])
+    ranked.loc[1, "test_covid_recall"] = 0.8
+    ranked.loc[1, ["test_covid_recall_low", "test_covid_recall_high"]] = (0.7, 0.85)
+    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    assert gap.loc["regularized_cnn", "val_inside_test_interval"] == "yes"
+
+
 def test_imbalance_strategies_show_the_best_and_median_of_their_trials() -> None:
     ranked = ranked_table(
         [

@@ -153,6 +153,17 @@ def test_a_malformed_manifest_is_an_error_saying_what_is_wrong(
         ingest(manifest, 16)
 
 
+def test_an_image_folder_s_subfolders_below_a_class_are_its_sources(tmp_path: Path) -> None:
+    """Issue item 3: sources from the folder an image sits in below its class folder."""
+    for index, relative in enumerate(
+        ["COVID/site a/1.png", "COVID/site b/2.png", "Normal/site a/3.png", "Normal/4.png"]
+    ):
+        write_png(tmp_path / "data" / relative, distinct_pixels(3000 + index))
+    result = ingest(tmp_path / "data", 16, cache_dir=tmp_path / "cache")
+    assert result.dataset.sources == ("site a", "site b", "", "site a")
+    assert result.report.sources == 2
+
+
 def four_scans(root: Path) -> None:
     for index in range(4):
         write_png(root / "scans" / f"{index}.png", distinct_pixels(2000 + index))
