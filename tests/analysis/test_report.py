@@ -485,6 +485,22 @@ def test_without_a_journal_the_report_says_why_and_shows_only_the_top_trials(
     ]
 
 
+def test_an_external_test_source_gets_its_val_versus_test_section(tmp_path: Path) -> None:
+    """Issue item 3: the report's internal-val versus external-test gap, per family."""
+    import dataclasses
+
+    from cxrtune.analysis.experiment import DatasetInfo
+
+    experiment = make_experiment(tmp_path)
+    info = DatasetInfo.read(experiment / "dataset.json")
+    dataclasses.replace(info, test_source="Hospital B").write(experiment / "dataset.json")
+    text = write_report(experiment, top=1).read_text()
+    section = text[text.index('<section id="external-test">') :]
+    section = section[: section.index("</section>")]
+    assert "<b>Hospital B</b> (4 images)" in section
+    assert "macro_auc_gap" in section and "val_inside_test_interval" in section
+
+
 def test_a_top_below_one_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="top must be at least 1"):
         write_report(tmp_path, top=0)
