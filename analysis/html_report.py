@@ -148,6 +148,8 @@ def _leaderboard_section(leaderboard: Leaderboard, top: int) -> tuple[str, str, 
 
 def _data_section(experiment_dir: Path, split_counts: pd.DataFrame) -> tuple[str, str, str]:
     parts = ["<h3>Images per class and split</h3>", _table(split_counts)]
+    if warning := report.read_shortcut_warning(experiment_dir):
+        parts.insert(0, _note(warning))
     ingest = report.read_ingest_report(experiment_dir)
     parts.append("<h3>Ingest report</h3>")
     if ingest is None:

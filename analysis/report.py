@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from cxrtune.analysis.experiment import (
+    INGEST_REPORT_JSON,
     INGEST_REPORT_TEXT,
     OPTUNA_JOURNAL,
     OPTUNA_STUDY_NAME,
@@ -55,6 +56,7 @@ __all__ = [
     "parameter_slices",
     "read_ingest_report",
     "read_search_study",
+    "read_shortcut_warning",
     "roc_table",
     "split_counts",
     "trial_points",
@@ -119,6 +121,17 @@ def read_ingest_report(experiment_dir: Path) -> str | None:
     """The ingest report a sweep wrote into its experiment dir; None for older experiments."""
     path = Path(experiment_dir) / INGEST_REPORT_TEXT
     return path.read_text() if path.is_file() else None
+
+
+def read_shortcut_warning(experiment_dir: Path) -> str:
+    """The ingest report's shortcut warning in plain words; "" when none was raised."""
+    from cxrtune.trainables.data import IngestReport
+
+    path = Path(experiment_dir) / INGEST_REPORT_JSON
+    if not path.is_file():
+        return ""
+    check = IngestReport.from_json(path.read_text()).shortcut_check()
+    return check.warning() if check is not None else ""
 
 
 def trial_points(ranked: pd.DataFrame) -> pd.DataFrame:

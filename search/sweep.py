@@ -273,6 +273,8 @@ def run_sweep(
     prepared = prepare_data(config)
     write_experiment_files(experiment_dir, config, prepared)
     print(describe_data(prepared.info))
+    if (check := prepared.report.shortcut_check()) is not None and check.warns:
+        print(check.warning(), file=sys.stderr)
     print(f"Experiment dir: {redacted(str(experiment_dir))}")
 
     start_ray(address)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,6 +39,7 @@ from cxrtune.trainables.layouts import (
     get_layout,
     list_manifest,
 )
+from cxrtune.trainables.shortcut import ShortcutCheck, check_shortcut
 
 # Bump when decoding changes, so caches written by older code are not reused.
 CACHE_FORMAT_VERSION = 3
@@ -122,6 +124,11 @@ class IngestReport:
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    shortcut: dict[str, Any] = field(default_factory=dict)  # a ShortcutCheck; {} = not run
+
+    def shortcut_check(self) -> ShortcutCheck | None:
+        """The shortcut probe's result, when two or more sources allowed one."""
+        return ShortcutCheck(**self.shortcut) if self.shortcut else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -157,6 +164,11 @@ class IngestReport:
             lines.append(f"Unreadable files ({verb}): {len(self.bad_files)}")
             lines += [f"  {bad['path']}: {bad['reason']}" for bad in self.bad_files]
         lines += [f"Note: {note}" for note in self.notes]
+        check = self.shortcut_check()
+        if check is not None:
+            probed = ", ".join(f"{name} ({count})" for name, count in check.sources.items())
+            lines.append(f"Shortcut check over sources {probed}: {check.summary()}")
+            lines.append(check.warning() or "  no shortcut found: no warning")
         return "\n".join(lines)
 
 
@@ -382,6 +394,9 @@ def ingest(
     report.classes = dataset.class_counts()
     report.patients = len({patient for patient in dataset.patients if patient})
     report.sources = len({source for source in dataset.sources if source})
+    if report.sources >= 2:
+        check = check_shortcut(dataset.images, dataset.labels, dataset.sources)
+        report.shortcut = check.to_dict() if check is not None else {}
     return Ingested(dataset=dataset, report=report, cache_path=cache_path, layout=chosen.name)
 
 

@@ -501,6 +501,27 @@ def test_an_external_test_source_gets_its_val_versus_test_section(tmp_path: Path
     assert "macro_auc_gap" in section and "val_inside_test_interval" in section
 
 
+def test_a_shortcut_warning_of_the_ingest_report_opens_the_data_section(tmp_path: Path) -> None:
+    """Issue item 4: the report says so in plain words, naming the sources."""
+    from cxrtune.trainables.data import IngestReport
+    from cxrtune.trainables.shortcut import ShortcutCheck
+
+    experiment = make_experiment(tmp_path)
+    check = ShortcutCheck(
+        sources={"site A": 50, "site B": 50},
+        balanced_accuracy=0.97,
+        chance=0.5,
+        cramers_v=0.8,
+        warns=True,
+    )
+    ingest = IngestReport(data="m.csv", layout="manifest", shortcut=check.to_dict())
+    (experiment / "ingest_report.json").write_text(ingest.to_json())
+    text = write_report(experiment, top=1).read_text()
+    section = text[text.index('<section id="data">') :]
+    assert section.index("SHORTCUT RISK: the source (site A, site B)") < section.index("<table")
+    assert report.read_shortcut_warning(tmp_path) == ""  # no ingest report there
+
+
 def test_a_top_below_one_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="top must be at least 1"):
         write_report(tmp_path, top=0)
