@@ -42,7 +42,14 @@ from cxrtune.trainables.data import (
     find_positive_class,
     ingest,
 )
-from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_splits, write_splits
+from cxrtune.trainables.splits import (
+    SPLITS,
+    SplitIndices,
+    group_ids,
+    images_in_no_split,
+    make_splits,
+    write_splits,
+)
 from cxrtune.trainables.trainable import TrialData
 
 if TYPE_CHECKING:
@@ -130,6 +137,11 @@ def prepare_data(config: SweepConfig) -> PreparedData:
         seed=config.seed,
         test_source=config.test_source,
     )
+    if left_out := images_in_no_split(dataset, splits):
+        report.notes.append(
+            f"{left_out} image(s) of other sources share a patient or exact content with "
+            f"test_source {config.test_source!r} and are in no split"
+        )
     counts = {
         split: {
             name: int(count)

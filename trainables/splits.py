@@ -161,8 +161,24 @@ def make_splits(
             test_fraction=test_fraction,
             seed=seed,
         )
-    _require_images_per_split(dataset, splits)
+    try:
+        _require_images_per_split(dataset, splits)
+    except DataError as error:
+        if not test_source:
+            raise
+        raise DataError(
+            f"{error}; with test_source {test_source!r}: {_placement(splits)}"
+        ) from None
     return splits
+
+
+def _placement(splits: SplitIndices) -> str:
+    return ", ".join(f"{len(splits.of(split))} {split}" for split in SPLITS) + " images"
+
+
+def images_in_no_split(dataset: Dataset, splits: SplitIndices) -> int:
+    """Images a split left out (of other sources, linked to an external test source)."""
+    return len(dataset.labels) - sum(len(splits.of(split)) for split in SPLITS)
 
 
 def _external_test_split(

@@ -10,6 +10,7 @@ import pytest
 from cxrtune.trainables.data import DataError, Dataset
 from cxrtune.trainables.splits import (
     group_ids,
+    images_in_no_split,
     make_splits,
     read_splits,
     stratified_split,
@@ -226,13 +227,18 @@ def test_an_image_linked_to_the_test_source_is_in_no_split() -> None:
     )
     placed = np.concatenate([parts.train, parts.val, parts.test])
     assert 0 not in placed and len(placed) == len(dataset.labels) - 1
+    assert images_in_no_split(dataset, parts) == 1
 
 
 @pytest.mark.parametrize(
     ("per_source", "test_source", "message"),
     [
         ({"A": [30, 60], "B": [10, 20]}, "C", r"matches no image; sources: 'A' \(90\), 'B' \(30\)"),
-        ({"A": [30, 60], "B": [2, 20]}, "B", "COVID has 2 in test"),
+        (
+            {"A": [30, 60], "B": [2, 20]},
+            "B",
+            r"COVID has 2 in test; with test_source 'B': \d+ train, \d+ val, 22 test images",
+        ),
         ({"A": [30, 60]}, "A", "holds every image"),
     ],
 )
