@@ -215,10 +215,7 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     if image.width == 0 or image.height == 0:
         raise DataError("image has zero size")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
-        image = Image.fromarray(scaled.round().astype(np.uint8))
+        image = Image.fromarray(_stretch_to_8_bits(np.asarray(image)))
     elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -226,6 +223,25 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     elif image.mode == "CMYK":
         image = image.convert("RGB")
     return image.convert("L"), mode
+
+
+def _stretch_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """An image's own min..max mapped to 0..255 (a constant image is all 0).
+
+    16-bit images (most X-ray PNGs) go through a lookup table built for their range, so a
+    3,000-pixel image never exists as floats: a fraction of the time and an eighth of the
+    memory of the float formula, with the same result.
+    """
+    low, high = values.min(), values.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        # Indexed by the value itself; entries below ``low`` are never looked up.
+        span = np.arange(int(high) + 1, dtype=np.float64)
+        table = np.rint((span - float(low)) / (float(high) - float(low)) * 255.0)
+        return np.clip(table, 0, 255).astype(np.uint8)[values]
+    scaled = (values.astype(np.float64) - float(low)) / (float(high) - float(low)) * 255.0
+    return np.rint(scaled).astype(np.uint8)
 
 
 def split_mode(mode: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ PROBE_SIZE = 16  # pixels per side the probe sees
 MIN_IMAGES_PER_SOURCE = 5  # sources with fewer images are left out of the probe
 MAX_FOLDS = 5
 MAX_PROBE_IMAGES = 4000  # a stratified sample beyond this keeps the probe to seconds
+CHUNK = 256  # images downsampled at a time
 # "Well above chance": this share of the way from chance to perfect (0.8 for two sources).
 PREDICTABLE_SHARE = 0.6
 # Cramer's V of 0.3 and above is conventionally a moderate-to-strong association.
@@ -111,14 +112,19 @@ def check_shortcut(
 
 
 def _downsample(images: np.ndarray) -> np.ndarray:
-    """Area-average to ``PROBE_SIZE`` square, one row of floats per image."""
+    """Area-average to ``PROBE_SIZE`` square, one row of floats per image.
+
+    In chunks, so that only ``CHUNK`` images at a time exist as floats.
+    """
     import torch
 
+    rows = []
     with torch.no_grad():
-        pooled = torch.nn.functional.adaptive_avg_pool2d(
-            torch.from_numpy(images).float(), PROBE_SIZE
-        )
-    return pooled.reshape(len(images), -1).numpy()
+        for start in range(0, len(images), CHUNK):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + CHUNK]))
+            pooled = torch.nn.functional.adaptive_avg_pool2d(chunk.float(), PROBE_SIZE)
+            rows.append(pooled.reshape(len(chunk), -1).numpy())
+    return np.concatenate(rows)
 
 
 def _stratified_sample(
