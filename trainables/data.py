@@ -299,6 +299,9 @@ def _decode_all(listing: Listing, image_size: int, progress: Progress | None) ->
     )
 
     def decode(index: int) -> None:
+        if listing.samples[index].problem:
+            decoded.reasons[index] = listing.samples[index].problem
+            return
         try:
             gray, mode = read_gray(listing.samples[index].path)
             decoded.images[index, 0] = resize(gray, image_size)
@@ -348,6 +351,7 @@ def fingerprint(listing: Listing, layout: str, image_size: int) -> str:
             sample.source,
             sample.split,
             str(sample.line),
+            sample.problem,
         )
         digest.update(("\0".join(fields) + f"\0{signature}\n").encode())
     return digest.hexdigest()[:24]
@@ -404,7 +408,7 @@ def ingest(
     if failures and not skip_bad_images:
         listing_text = "\n  ".join(f"{bad['path']}: {bad['reason']}" for bad in failures)
         raise DataError(
-            f"{len(failures)} file(s) could not be read as images:\n  {listing_text}\n"
+            f"{len(failures)} file(s) could not be used:\n  {listing_text}\n"
             "Fix or remove them, or pass --skip-bad-images to leave them out."
         )
     report.skipped = len(failures)

@@ -36,6 +36,7 @@ class Sample:
     source: str = ""
     split: str = ""  # a split fixed by the dataset itself (manifests), else ""
     line: int = 0  # the manifest line it came from (the header is line 1), else 0
+    problem: str = ""  # why the layout already refuses this sample (ingest lists it), else ""
 
 
 @dataclass
@@ -163,19 +164,41 @@ def list_manifest(manifest: Path, encoding: str | None = None) -> Listing:
             f"line(s) {_row_numbers(unlabelled)}"
         )
     base = manifest.parent
+    class_of = _class_spellings(table["label"][table["label"] != ""])
     samples = [
         Sample(
             path=(base / Path(row["path"]).expanduser()).resolve(),
-            label=row["label"],
+            label=class_of[row["label"]],
             patient=row.get("patient_id", ""),
             source=row.get("source", ""),
             split=row.get("split", ""),
             line=position + 2,
+            problem=(
+                ""
+                if class_of[row["label"]] == row["label"]
+                else f"label {row['label']!r} matches no class (class {class_of[row['label']]!r}"
+                " is spelled otherwise)"
+            ),
         )
         for position, row in enumerate(table.to_dict("records"))
         if row["label"]
     ]
-    return Listing(samples, classes=sorted({sample.label for sample in samples}), notes=notes)
+    return Listing(samples, classes=sorted(set(class_of.values())), notes=notes)
+
+
+def _class_spellings(labels: pd.Series) -> dict[str, str]:
+    """Each label -> its class: labels equal but for case, spaces and punctuation are one
+    class, spelled as most rows spell it (ties: the first in sort order). A row spelled
+    otherwise is refused rather than silently made a class of its own or relabelled."""
+    counts = labels.value_counts()
+    by_key: dict[str, list[str]] = {}
+    for label in sorted(counts.index):
+        by_key.setdefault(re.sub(r"[^0-9a-z]", "", label.lower()), []).append(label)
+    return {
+        label: max(spellings, key=lambda spelling: (counts[spelling], -spellings.index(spelling)))
+        for spellings in by_key.values()
+        for label in spellings
+    }
 
 
 def _read_manifest_text(manifest: Path, encoding: str | None) -> str:

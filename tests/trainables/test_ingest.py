@@ -244,6 +244,26 @@ def test_a_manifest_row_whose_file_is_missing_is_named_by_line_and_follows_bad_i
     assert result.report.skipped == 1 and len(result.dataset.paths) == 4
 
 
+def test_a_label_spelled_unlike_its_class_is_named_by_line_and_follows_bad_image_rules(
+    tmp_path: Path,
+) -> None:
+    """Issue item 2: `covid` beside `COVID` matches no class: refused or skipped, not merged."""
+    for index in range(6):
+        write_png(tmp_path / "scans" / f"{index}.png", distinct_pixels(4000 + index))
+    manifest = tmp_path / "m.csv"
+    labels = ["COVID", "COVID", "covid", "Normal", "Normal", "NORMAL"]
+    rows = [f"scans/{i}.png,{label}" for i, label in enumerate(labels)]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as refused:
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    message = str(refused.value)
+    assert "scans/2.png: label 'covid' matches no class" in message
+    assert "(manifest line 4)" in message and "(manifest line 7)" in message
+    result = ingest(manifest, 16, skip_bad_images=True, cache_dir=tmp_path / "cache")
+    assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
+    assert result.report.skipped == 2
+
+
 def make_folder_with_bad_files(root: Path) -> Path:
     for class_name in ("COVID", "Normal"):
         for index in range(3):
