@@ -85,6 +85,7 @@ class DatasetInfo:
     duplicate_images: int = 0  # images whose exact content occurs more than once
     skipped_images: int = 0  # unreadable files left out
     dropped_images: int = 0  # images left out for carrying two labels or two splits
+    test_source: str = ""  # the source held out as the test split; "" = a random test split
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")

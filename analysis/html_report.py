@@ -148,6 +148,8 @@ def _leaderboard_section(leaderboard: Leaderboard, top: int) -> tuple[str, str, 
 
 def _data_section(experiment_dir: Path, split_counts: pd.DataFrame) -> tuple[str, str, str]:
     parts = ["<h3>Images per class and split</h3>", _table(split_counts)]
+    if warning := report.read_shortcut_warning(experiment_dir):
+        parts.insert(0, _note(warning))
     ingest = report.read_ingest_report(experiment_dir)
     parts.append("<h3>Ingest report</h3>")
     if ingest is None:
@@ -335,6 +337,24 @@ def write_report(
         ],
     )
 
+    external = []
+    if experiment.dataset.test_source:
+        test_images = sum(experiment.dataset.split_counts.get("test", {}).values())
+        external = [
+            _section(
+                "external-test",
+                "Internal val vs external test",
+                [
+                    f"<p>Test is every image of source <b>"
+                    f"{html.escape(experiment.dataset.test_source)}</b> ({test_images} images), "
+                    "which no trial saw; val comes from the other sources. A gap is test minus "
+                    "val: how much each family's best model loses at the unseen site. Test "
+                    "numbers carry their 95% bootstrap interval.</p>",
+                    _side_by_side(report.external_test_gap(comparison), "family"),
+                ],
+            )
+        ]
+
     strategies = report.imbalance_comparison(ranked)
     imbalance = _section(
         "imbalance",
@@ -372,6 +392,7 @@ def write_report(
         _data_section(experiment.directory, report.split_counts(experiment.dataset)),
         pareto,
         families,
+        *external,
         imbalance,
         ensemble,
         _trial_sections(experiment, leaderboard, top, figures),

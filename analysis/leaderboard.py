@@ -232,6 +232,9 @@ def leaderboard_header(experiment: Experiment) -> str:
         if info.grouping != "none"
         else f"no patient or source ids ({info.groups} groups after joining duplicates)"
     )
+    if info.test_source:
+        test_images = sum(info.split_counts.get("test", {}).values())
+        grouping += f"; test = external source {info.test_source} ({test_images} images)"
     target = experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
     resamples = experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)
     return (

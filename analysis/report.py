@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from cxrtune.analysis.experiment import (
+    INGEST_REPORT_JSON,
     INGEST_REPORT_TEXT,
     OPTUNA_JOURNAL,
     OPTUNA_STUDY_NAME,
@@ -45,6 +46,7 @@ __all__ = [
     "LEARNING_CURVE_METRICS",
     "confusion_table",
     "display_table",
+    "external_test_gap",
     "family_comparison",
     "family_summary",
     "imbalance_comparison",
@@ -54,6 +56,7 @@ __all__ = [
     "parameter_slices",
     "read_ingest_report",
     "read_search_study",
+    "read_shortcut_warning",
     "roc_table",
     "split_counts",
     "trial_points",
@@ -118,6 +121,17 @@ def read_ingest_report(experiment_dir: Path) -> str | None:
     """The ingest report a sweep wrote into its experiment dir; None for older experiments."""
     path = Path(experiment_dir) / INGEST_REPORT_TEXT
     return path.read_text() if path.is_file() else None
+
+
+def read_shortcut_warning(experiment_dir: Path) -> str:
+    """The ingest report's shortcut warning in plain words; "" when none was raised."""
+    from cxrtune.trainables.data import IngestReport
+
+    path = Path(experiment_dir) / INGEST_REPORT_JSON
+    if not path.is_file():
+        return ""
+    check = IngestReport.from_json(path.read_text()).shortcut_check()
+    return check.warning() if check is not None else ""
 
 
 def trial_points(ranked: pd.DataFrame) -> pd.DataFrame:
@@ -294,6 +308,35 @@ def family_comparison(ranked: pd.DataFrame, families: Sequence[str] = FAMILIES) 
     order = _family_order([*families, *best.index])
     table = best.reindex(order).rename_axis("family").reset_index()
     return table[columns].astype({"rank": "Int64"})
+
+
+def external_test_gap(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Per family, its best trial on internal val beside the external test source.
+
+    ``comparison`` is ``family_comparison``'s table. A gap is test minus val, so a model
+    that does worse at the unseen site has a negative gap; the test numbers keep their
+    95% bootstrap interval, and ``val_inside_test_interval`` says whether the val number
+    falls inside it (if not, the drop is more than resampling noise).
+    """
+    rows = []
+    for _, best in comparison.iterrows():
+        row: dict[str, Any] = {"family": best["family"], "trial_id": best["trial_id"]}
+        inside = []
+        for metric in ("covid_recall", "macro_auc"):
+            val, test = best[f"val_{metric}"], best[f"test_{metric}"]
+            low, high = best[f"test_{metric}_low"], best[f"test_{metric}_high"]
+            row[f"val_{metric}"] = val
+            row[f"test_{metric}"] = test
+            row[f"test_{metric}_low"] = low
+            row[f"test_{metric}_high"] = high
+            row[f"{metric}_gap"] = test - val
+            if not (pd.isna(val) or pd.isna(low)):
+                inside.append(bool(low <= val <= high))
+        row["val_inside_test_interval"] = (
+            "yes" if inside and all(inside) else "no" if inside else None
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def ensemble_comparison(

@@ -29,6 +29,7 @@ from tabulate import tabulate
 # Imported for their registration; each module is one benchmark.
 from benchmarks import (  # noqa: F401
     gpu_throughput,
+    ingest_decode,
     input_pipeline,
     memory_concurrent_trials,
     quickstart_wall_time,
@@ -47,6 +48,7 @@ from cxrtune.search.ray_environment import use_loopback_ray
 # The order the suite runs and reports in; every registered benchmark is in it.
 SUITE = (
     "input_pipeline",
+    "ingest_decode",
     "trial_overhead",
     "memory_concurrent_trials",
     "search_efficiency",

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a sweep-file key, e.g. --set num_samples=50 --set resources.vgg16.gpus=1",
     )
+    sweep.add_argument(
+        "--test-source",
+        metavar="NAME",
+        help="hold out every image of source NAME as the test split (an external-site test)",
+    )
     sweep.add_argument("--name", help="experiment folder name (default: <name>-<timestamp>)")
     sweep.add_argument(
         "--address", help="address of a running Ray cluster (default: start one locally)"
@@ -193,6 +198,10 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         help="leave out every copy of an image found under two labels, or in two splits of a "
         "manifest, instead of stopping",
     )
+    parser.add_argument(
+        "--manifest-encoding",
+        help="text encoding of a CSV manifest, e.g. latin-1 (default: UTF-8, BOM or not)",
+    )
 
 
 def ingest_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,6 +215,8 @@ def ingest_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["skip_bad_images"] = True
     if args.drop_conflicting_duplicates:
         settings["drop_conflicting_duplicates"] = True
+    if args.manifest_encoding:
+        settings["manifest_encoding"] = args.manifest_encoding
     return settings
 
 
@@ -248,6 +259,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         settings["data"] = args.data
     if args.mlflow_uri is not None:
         settings["mlflow_uri"] = args.mlflow_uri
+    if args.test_source is not None:
+        settings["test_source"] = args.test_source
     config = load_sweep_config(args.sweep_file, args.overrides, settings)
     outcome = run_sweep(config, name=args.name, address=args.address)
     return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)

@@ -97,10 +97,12 @@ class SweepConfig:
     )
     # drop an image found under two labels or in two splits of a manifest, not stop
     drop_conflicting_duplicates: bool = False
+    manifest_encoding: str | None = None  # a CSV manifest's text encoding; None = UTF-8
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     image_size: int = 64  # pixels per side the models see
     positive_class: str = "COVID"  # the class whose recall is ranked
     splits: SplitFractions = field(default_factory=SplitFractions)
+    test_source: str | None = None  # hold out this source as the test split (external site)
     target_specificity: float = 0.95  # the operating point: threshold chosen on val for this
     bootstrap_resamples: int = 1000  # for the 95% confidence intervals of test metrics
     seed: int = 0  # splits, sampler and model initialisation

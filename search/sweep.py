@@ -43,7 +43,14 @@ from cxrtune.trainables.data import (
     find_positive_class,
     ingest,
 )
-from cxrtune.trainables.splits import SPLITS, SplitIndices, group_ids, make_splits, write_splits
+from cxrtune.trainables.splits import (
+    SPLITS,
+    SplitIndices,
+    group_ids,
+    images_in_no_split,
+    make_splits,
+    write_splits,
+)
 from cxrtune.trainables.trainable import TrialData
 
 if TYPE_CHECKING:
@@ -112,6 +119,7 @@ def ingest_with_progress(
             layout=config.layout,
             skip_bad_images=config.skip_bad_images,
             drop_conflicting_duplicates=config.drop_conflicting_duplicates,
+            manifest_encoding=config.manifest_encoding,
             progress=progress,
         )
     return result.dataset, result.report, result.cache_path, result.layout
@@ -148,7 +156,13 @@ def split_data(
         val_fraction=config.splits.val,
         test_fraction=config.splits.test,
         seed=config.seed,
+        test_source=config.test_source,
     )
+    if left_out := images_in_no_split(dataset, splits):
+        report.notes.append(
+            f"{left_out} image(s) of other sources share a patient or exact content with "
+            f"test_source {config.test_source!r} and are in no split"
+        )
     counts = {
         split: {
             name: int(count)
@@ -175,6 +189,7 @@ def split_data(
         duplicate_images=report.duplicate_images,
         skipped_images=report.skipped,
         dropped_images=report.dropped_conflicting,
+        test_source=config.test_source or "",
     )
     return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
 
@@ -291,6 +306,8 @@ def run_sweep(
     prepared = prepare_data(config)
     write_experiment_files(experiment_dir, config, prepared)
     print(describe_data(prepared.info))
+    if (check := prepared.report.shortcut_check()) is not None and check.warns:
+        print(check.warning(), file=sys.stderr)
     print(f"Experiment dir: {redacted(str(experiment_dir))}")
 
     start_ray(address)

@@ -24,17 +24,29 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxrtune.trainables.dicom import DicomError, decode_dicom
-from cxrtune.trainables.layouts import Layout, LayoutError, Listing, detect_layout, get_layout
+from cxrtune.trainables.dicom import DicomError, read_dicom
+from cxrtune.trainables.layouts import (
+    Layout,
+    LayoutError,
+    Listing,
+    Sample,
+    detect_layout,
+    get_layout,
+    list_manifest,
+)
+from cxrtune.trainables.shortcut import ShortcutCheck, check_shortcut
 
 # Bump when decoding changes, so caches written by older code are not reused.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 
 Progress = Callable[[int, int], None]
+DICOM_MODE = "DICOM"
+ORIENTATION_TAG = 0x0112  # EXIF Orientation; 1 = upright
 
 
 class DataError(ValueError):
@@ -103,6 +115,7 @@ class IngestReport:
     classes: dict[str, int] = field(default_factory=dict)  # images per class, after policy
     sizes: dict[str, int] = field(default_factory=dict)  # "W x H" -> images
     modes: dict[str, int] = field(default_factory=dict)  # PIL mode (or DICOM) -> images
+    transfer_syntaxes: dict[str, int] = field(default_factory=dict)  # DICOM images per syntax
     patients: int = 0  # distinct patient ids (0 = none given)
     sources: int = 0
     duplicate_sets: int = 0  # contents that occur more than once
@@ -114,6 +127,11 @@ class IngestReport:
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    shortcut: dict[str, Any] = field(default_factory=dict)  # a ShortcutCheck; {} = not run
+
+    def shortcut_check(self) -> ShortcutCheck | None:
+        """The shortcut probe's result, when two or more sources allowed one."""
+        return ShortcutCheck(**self.shortcut) if self.shortcut else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -129,6 +147,9 @@ class IngestReport:
         lines += [f"  {name}: {count}" for name, count in self.classes.items()]
         lines.append("Sizes: " + _top(self.sizes))
         lines.append("Modes: " + _top(self.modes))
+        if self.transfer_syntaxes:
+            lines.append("DICOM transfer syntaxes:")
+            lines += [f"  {name}: {count}" for name, count in self.transfer_syntaxes.items()]
         groups = [f"{self.patients} patients" if self.patients else "no patient ids"]
         groups.append(f"{self.sources} sources" if self.sources else "no sources")
         lines.append("Groups: " + ", ".join(groups))
@@ -149,6 +170,11 @@ class IngestReport:
             lines.append(f"Unreadable files ({verb}): {len(self.bad_files)}")
             lines += [f"  {bad['path']}: {bad['reason']}" for bad in self.bad_files]
         lines += [f"Note: {note}" for note in self.notes]
+        check = self.shortcut_check()
+        if check is not None:
+            probed = ", ".join(f"{name} ({count})" for name, count in check.sources.items())
+            lines.append(f"Shortcut check over sources {probed}: {check.summary()}")
+            lines.append(check.warning() or "  no shortcut found: no warning")
         return "\n".join(lines)
 
 
@@ -180,23 +206,24 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     EXIF rotation is applied; transparency is composited on black (the film
     background); 16-bit and float images are stretched to their own range rather
     than clipped, since X-ray PNGs often use only the low 12 bits. Images over
-    PIL's decompression-bomb limit are refused.
+    PIL's decompression-bomb limit are refused. A DICOM file's mode is
+    ``DICOM (<transfer syntax>)``.
     """
     if path.suffix.lower() == ".dcm":
-        return Image.fromarray(decode_dicom(path)), "DICOM"
+        pixels, syntax = read_dicom(path)
+        return Image.fromarray(pixels), f"{DICOM_MODE} ({syntax})"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as opened:
             opened.load()
             mode = opened.mode
-            image = ImageOps.exif_transpose(opened)
+            # exif_transpose copies even an upright image: a 3,000-pixel X-ray is 18 MB.
+            upright = opened.getexif().get(ORIENTATION_TAG, 1) == 1
+            image = opened if upright else ImageOps.exif_transpose(opened)
     if image.width == 0 or image.height == 0:
         raise DataError("image has zero size")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
-        image = Image.fromarray(scaled.round().astype(np.uint8))
+        image = Image.fromarray(_stretch_to_8_bits(np.asarray(image)))
     elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -204,6 +231,32 @@ def read_gray(path: Path) -> tuple[Image.Image, str]:
     elif image.mode == "CMYK":
         image = image.convert("RGB")
     return image.convert("L"), mode
+
+
+def _stretch_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """An image's own min..max mapped to 0..255 (a constant image is all 0).
+
+    16-bit images (most X-ray PNGs) go through a lookup table built for their range, so a
+    3,000-pixel image never exists as floats: a fraction of the time and an eighth of the
+    memory of the float formula, with the same result.
+    """
+    low, high = values.min(), values.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        # Indexed by the value itself; entries below ``low`` are never looked up.
+        span = np.arange(int(high) + 1, dtype=np.float64)
+        table = np.rint((span - float(low)) / (float(high) - float(low)) * 255.0)
+        return np.clip(table, 0, 255).astype(np.uint8)[values]
+    scaled = (values.astype(np.float64) - float(low)) / (float(high) - float(low)) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    """``DICOM (<syntax>)`` -> ``("DICOM", "<syntax>")``; any other mode -> ``(mode, "")``."""
+    if mode.startswith(f"{DICOM_MODE} (") and mode.endswith(")"):
+        return DICOM_MODE, mode[len(DICOM_MODE) + 2 : -1]
+    return mode, ""
 
 
 def resize(image: Image.Image, image_size: int) -> np.ndarray:
@@ -251,6 +304,9 @@ def _decode_all(listing: Listing, image_size: int, progress: Progress | None) ->
     )
 
     def decode(index: int) -> None:
+        if listing.samples[index].problem:
+            decoded.reasons[index] = listing.samples[index].problem
+            return
         try:
             gray, mode = read_gray(listing.samples[index].path)
             decoded.images[index, 0] = resize(gray, image_size)
@@ -293,7 +349,15 @@ def fingerprint(listing: Listing, layout: str, image_size: int) -> str:
             signature = f"{stat.st_size}\0{stat.st_mtime_ns}"
         except OSError:
             signature = "missing"
-        fields = (str(sample.path), sample.label, sample.patient, sample.source, sample.split)
+        fields = (
+            str(sample.path),
+            sample.label,
+            sample.patient,
+            sample.source,
+            sample.split,
+            str(sample.line),
+            sample.problem,
+        )
         digest.update(("\0".join(fields) + f"\0{signature}\n").encode())
     return digest.hexdigest()[:24]
 
@@ -305,6 +369,7 @@ def ingest(
     layout: str = "auto",
     skip_bad_images: bool = False,
     drop_conflicting_duplicates: bool = False,
+    manifest_encoding: str | None = None,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> Ingested:
@@ -312,14 +377,18 @@ def ingest(
 
     Raises ``DataError`` listing every unreadable file (unless ``skip_bad_images``),
     every image found under two labels (unless ``drop_conflicting_duplicates``), and
-    for fewer than two classes or a class without images.
+    for fewer than two classes or a class without images. ``manifest_encoding`` is the
+    text encoding of a CSV manifest (default UTF-8, with or without a byte-order mark).
     """
     data = Path(data).expanduser().resolve()
     if not data.exists():
         raise DataError(f"dataset not found: {data}")
     try:
         chosen: Layout = detect_layout(data) if layout == "auto" else get_layout(layout)
-        listing = chosen.list_samples(data)
+        if chosen.name == "manifest":
+            listing = list_manifest(data, encoding=manifest_encoding)
+        else:
+            listing = chosen.list_samples(data)
     except (LayoutError, ValueError) as error:
         raise DataError(str(error)) from error
     _check_classes(data, listing)
@@ -336,12 +405,15 @@ def ingest(
 
     failures = extras.failures
     report = IngestReport(data=str(data), layout=chosen.name, notes=list(extras.notes))
-    report.sizes, report.modes = dict(Counter(extras.sizes)), dict(Counter(extras.modes))
+    modes = [split_mode(mode) for mode in extras.modes]
+    report.sizes = dict(Counter(extras.sizes))
+    report.modes = dict(Counter(mode for mode, _ in modes))
+    report.transfer_syntaxes = dict(Counter(syntax for _, syntax in modes if syntax))
     report.bad_files = failures
     if failures and not skip_bad_images:
         listing_text = "\n  ".join(f"{bad['path']}: {bad['reason']}" for bad in failures)
         raise DataError(
-            f"{len(failures)} file(s) could not be read as images:\n  {listing_text}\n"
+            f"{len(failures)} file(s) could not be used:\n  {listing_text}\n"
             "Fix or remove them, or pass --skip-bad-images to leave them out."
         )
     report.skipped = len(failures)
@@ -350,6 +422,9 @@ def ingest(
     report.classes = dataset.class_counts()
     report.patients = len({patient for patient in dataset.patients if patient})
     report.sources = len({source for source in dataset.sources if source})
+    if report.sources >= 2:
+        check = check_shortcut(dataset.images, dataset.labels, dataset.sources)
+        report.shortcut = check.to_dict() if check is not None else {}
     return Ingested(dataset=dataset, report=report, cache_path=cache_path, layout=chosen.name)
 
 
@@ -376,12 +451,12 @@ def _as_dataset(listing: Listing, decoded: _Decoded, base: Path) -> tuple[Datase
     samples = listing.samples
     relative = [_relative(sample.path, base) for sample in samples]
     failures = [
-        {"path": relative[index], "reason": decoded.reasons[index]}
+        {"path": relative[index], "reason": decoded.reasons[index] + _line_of(samples[index])}
         for index in np.flatnonzero(~decoded.ok)
     ]
     good = np.flatnonzero(decoded.ok)
     dataset = Dataset(
-        images=decoded.images[good],
+        images=_compact(decoded.images, good),
         labels=np.array([label_of[samples[i].label] for i in good], dtype=np.int64),
         class_names=class_names,
         paths=tuple(relative[i] for i in good),
@@ -397,6 +472,22 @@ def _as_dataset(listing: Listing, decoded: _Decoded, base: Path) -> tuple[Datase
         modes=[decoded.modes[i] for i in good],
     )
     return dataset, extras
+
+
+def _compact(images: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``images[keep]`` for sorted ``keep``, moved within ``images`` rather than copied.
+
+    The decoded array is the largest thing ingest holds (1 GB for 21,000 images at 224
+    px); a fancy-indexed copy would double the peak.
+    """
+    for target, origin in enumerate(keep):
+        if target != origin:
+            images[target] = images[origin]
+    return images[: len(keep)]
+
+
+def _line_of(sample: Sample) -> str:
+    return f" (manifest line {sample.line})" if sample.line else ""
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -477,7 +568,8 @@ class CacheExtras:
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     notes: list[str] = field(default_factory=list)  # the layout's notes
     sizes: list[str] = field(default_factory=list)  # per readable image, "W x H"
-    modes: list[str] = field(default_factory=list)  # per readable image, PIL mode or DICOM
+    # per readable image, PIL mode or DICOM (<transfer syntax>)
+    modes: list[str] = field(default_factory=list)
 
 
 def write_cache(dataset: Dataset, cache_path: Path, extras: CacheExtras | None = None) -> None:

@@ -1,8 +1,9 @@
 """DICOM decoding for ingest: one ``.dcm`` file becomes a uint8 grayscale array.
 
 This module owns everything DICOM-specific between the file on disk and the 8-bit
-image that ingest resizes and caches: reading with pydicom, picking the first frame,
-colour to luminance, the modality LUT (rescale) and the VOI LUT or window, scaling
+image that ingest resizes and caches: reading with pydicom (the pylibjpeg plugins add JPEG
+Lossless, JPEG extended, JPEG-LS, JPEG 2000 and RLE), picking the first frame, palette
+and colour to luminance, the modality LUT (rescale) and the VOI LUT or window, scaling
 to 0..255 and inverting MONOCHROME1. Resizing, caching and error collection stay
 with the caller, which also adds the file's path to a :class:`DicomError` message.
 """
@@ -18,12 +19,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import (
+    apply_color_lut,
     apply_modality_lut,
     apply_voi_lut,
     as_pixel_options,
     convert_color_space,
     get_decoder,
 )
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
@@ -53,21 +56,29 @@ class DicomError(ValueError):
 
 
 def decode_dicom(path: str | Path) -> np.ndarray:
-    """The pixel data of a DICOM file as a uint8 (rows, columns) grayscale array.
+    """The pixel data of a DICOM file as a uint8 (rows, columns) grayscale array."""
+    return read_dicom(path)[0]
 
-    Takes the first frame; colour becomes ITU-R 601 luminance. Monochrome pixels go
-    through the modality LUT (rescale) and then the first VOI LUT or window, whose
-    output range maps to 0..255 (below the window 0, above 255); without a VOI LUT or
-    window the image's own min..max is stretched to 0..255 (a constant image is all
-    0). MONOCHROME1 is inverted so that, as in MONOCHROME2, bone is bright. Raises
-    DicomError when the file is not DICOM or its pixels cannot be decoded; OSError
-    (unreadable file) propagates unchanged.
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, str]:
+    """The pixel data of a DICOM file as uint8 (rows, columns), and its transfer syntax's name.
+
+    Takes the first frame; palette colour and colour become ITU-R 601 luminance.
+    Monochrome pixels go through the modality LUT (rescale) and then the first VOI LUT
+    or window, whose output range maps to 0..255 (below the window 0, above 255);
+    without a VOI LUT or window the image's own min..max is stretched to 0..255 (a
+    constant image is all 0). MONOCHROME1 is inverted so that, as in MONOCHROME2, bone
+    is bright. Raises DicomError when the file is not DICOM or its pixels cannot be
+    decoded; OSError (unreadable file) propagates unchanged.
     """
     dataset = _read(path)
+    syntax = _transfer_syntax(dataset)
     try:
-        pixels, photometric = _first_frame(dataset)
+        pixels, photometric = _first_frame(dataset, syntax)
         if photometric in MONOCHROME:
             unit = _monochrome_to_unit(pixels, dataset)
+        elif photometric == "PALETTE COLOR":
+            unit = _stretch(_luminance(_palette_to_rgb(pixels, dataset), "RGB"))
         else:
             unit = _stretch(_luminance(pixels, photometric))
     except DicomError:
@@ -79,7 +90,7 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         image = 255 - image
     if image.ndim != 2:
         raise DicomError(f"pixel data has shape {image.shape}, expected (rows, columns)")
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), str(syntax.name)
 
 
 def _read(path: str | Path) -> Dataset:
@@ -92,13 +103,30 @@ def _read(path: str | Path) -> Dataset:
         raise DicomError(f"DICOM file cannot be parsed: {_one_line(error)}") from error
 
 
-def _first_frame(dataset: Dataset) -> tuple[np.ndarray, str]:
-    """Decode only the first frame; return it with the photometric interpretation it is in."""
+def _transfer_syntax(dataset: Dataset) -> UID:
+    """The file's transfer syntax; without one in the file meta, the encoding pydicom parsed.
+
+    Refuses a file without pixel data, naming what it is instead (an RT plan, an SR
+    document), since its SOP class says so.
+    """
     if not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
-        raise DicomError("no pixel data")
+        kind = dataset.get("SOPClassUID")
+        described = f" ({UID(str(kind)).name})" if kind else ""
+        raise DicomError(f"no pixel data{described}")
     syntax = getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID")
-    if not syntax:
+    if syntax:
+        return UID(str(syntax))
+    # An uncompressed file whose meta lost the element still parsed, so its encoding is known.
+    implicit, little_endian = dataset.original_encoding
+    if implicit is None or little_endian is None:
         raise DicomError("no transfer syntax in the file meta information")
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
+
+
+def _first_frame(dataset: Dataset, syntax: UID) -> tuple[np.ndarray, str]:
+    """Decode only the first frame; return it with the photometric interpretation it is in."""
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as error:
@@ -115,6 +143,14 @@ def _first_frame(dataset: Dataset) -> tuple[np.ndarray, str]:
         properties.get("photometric_interpretation", dataset.get("PhotometricInterpretation", ""))
     )
     return pixels, photometric
+
+
+def _palette_to_rgb(pixels: np.ndarray, dataset: Dataset) -> np.ndarray:
+    """Palette indices through the file's red, green and blue lookup tables."""
+    try:
+        return np.asarray(apply_color_lut(pixels, dataset))
+    except PIXEL_ERRORS as error:
+        raise DicomError(f"cannot apply the palette colour LUT: {_one_line(error)}") from error
 
 
 def _luminance(pixels: np.ndarray, photometric: str) -> np.ndarray:

@@ -7,6 +7,9 @@ them); decoding happens in ``cxrtune.trainables.data``.
 
 from __future__ import annotations
 
+import codecs
+import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,8 @@ class Sample:
     patient: str = ""  # "" when unknown
     source: str = ""
     split: str = ""  # a split fixed by the dataset itself (manifests), else ""
+    line: int = 0  # the manifest line it came from (the header is line 1), else 0
+    problem: str = ""  # why the layout already refuses this sample (ingest lists it), else ""
 
 
 @dataclass
@@ -112,51 +117,120 @@ def _is_manifest(data: Path) -> bool:
 
 
 @register_layout("manifest", detect=_is_manifest)
-def list_manifest(manifest: Path) -> Listing:
+def list_manifest(manifest: Path, encoding: str | None = None) -> Listing:
     """A CSV with ``path,label`` and optional ``patient_id``, ``source``, ``split`` columns.
 
-    Paths are relative to the CSV's folder. Empty cells in required columns and
-    unknown split names are errors naming the rows.
+    The CSV is UTF-8 (a byte-order mark is fine) unless ``encoding`` names another;
+    text that does not decode is an error naming the line. Column names match case-,
+    space- and underscore-insensitively (``Patient ID``, ``patientid``). Paths are
+    absolute or relative to the CSV's folder. Rows with an empty label are left out
+    and listed in the notes; an empty path or an unknown split name is an error naming
+    the lines. Each sample keeps its CSV line number, so a missing file is named by it.
     """
     if not _is_manifest(manifest):
         raise LayoutError(f"{manifest} is not a CSV manifest")
-    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    text = _read_manifest_text(manifest, encoding)
+    table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    known = [*MANIFEST_COLUMNS, *MANIFEST_OPTIONAL_COLUMNS]
+    by_key = {_column_key(name): name for name in known}
+    table.columns = [by_key.get(_column_key(str(column)), str(column)) for column in table]
+    repeated = sorted({column for column in table.columns if list(table.columns).count(column) > 1})
+    if repeated:
+        raise LayoutError(
+            f"{manifest}: column(s) {repeated} given twice (names match ignoring case)"
+        )
     missing = [column for column in MANIFEST_COLUMNS if column not in table]
     if missing:
         raise LayoutError(f"{manifest}: missing column(s) {missing}; found {list(table.columns)}")
-    unknown = sorted(set(table.columns) - set(MANIFEST_COLUMNS) - set(MANIFEST_OPTIONAL_COLUMNS))
+    unknown = sorted(set(table.columns) - set(known))
     if unknown:
-        raise LayoutError(
-            f"{manifest}: unknown column(s) {unknown}; "
-            f"known: {[*MANIFEST_COLUMNS, *MANIFEST_OPTIONAL_COLUMNS]}"
-        )
-    for column in MANIFEST_COLUMNS:
-        empty = (table[column].str.strip() == "").to_numpy().nonzero()[0]
-        if len(empty):
-            raise LayoutError(f"{manifest}: empty {column!r} in row(s) {_row_numbers(empty)}")
+        raise LayoutError(f"{manifest}: unknown column(s) {unknown}; known: {known}")
+    table = table.apply(lambda column: column.str.strip())
+    empty_path = (table["path"] == "").to_numpy().nonzero()[0]
+    if len(empty_path):
+        raise LayoutError(f"{manifest}: empty 'path' on line(s) {_row_numbers(empty_path)}")
     if "split" in table:
         bad = (~table["split"].isin(SPLIT_NAMES)).to_numpy().nonzero()[0]
         if len(bad):
             raise LayoutError(
                 f"{manifest}: split must be one of {list(SPLIT_NAMES)} in every row; "
-                f"not in row(s) {_row_numbers(bad)}"
+                f"not on line(s) {_row_numbers(bad)}"
             )
+    notes = []
+    unlabelled = (table["label"] == "").to_numpy().nonzero()[0]
+    if len(unlabelled):
+        notes.append(
+            f"{manifest.name}: {len(unlabelled)} row(s) with an empty label left out, "
+            f"line(s) {_row_numbers(unlabelled)}"
+        )
     base = manifest.parent
+    class_of = _class_spellings(table["label"][table["label"] != ""])
     samples = [
         Sample(
-            path=(base / row["path"]).resolve(),
-            label=row["label"].strip(),
-            patient=row.get("patient_id", "").strip(),
-            source=row.get("source", "").strip(),
-            split=row.get("split", "").strip(),
+            path=(base / Path(row["path"]).expanduser()).resolve(),
+            label=class_of[row["label"]],
+            patient=row.get("patient_id", ""),
+            source=row.get("source", ""),
+            split=row.get("split", ""),
+            line=position + 2,
+            problem=(
+                ""
+                if class_of[row["label"]] == row["label"]
+                else f"label {row['label']!r} matches no class (class {class_of[row['label']]!r}"
+                " is spelled otherwise)"
+            ),
         )
-        for row in table.to_dict("records")
+        for position, row in enumerate(table.to_dict("records"))
+        if row["label"]
     ]
-    return Listing(samples, classes=sorted({sample.label for sample in samples}))
+    return Listing(samples, classes=sorted(set(class_of.values())), notes=notes)
+
+
+def _class_spellings(labels: pd.Series) -> dict[str, str]:
+    """Each label -> its class: labels equal but for case, spaces and punctuation are one
+    class, spelled as most rows spell it (ties: the first in sort order). A row spelled
+    otherwise is refused rather than silently made a class of its own or relabelled."""
+    counts = labels.value_counts()
+    by_key: dict[str, list[str]] = {}
+    for label in sorted(counts.index):
+        by_key.setdefault(re.sub(r"[^0-9a-z]", "", label.lower()), []).append(label)
+    return {
+        label: max(spellings, key=lambda spelling: (counts[spelling], -spellings.index(spelling)))
+        for spellings in by_key.values()
+        for label in spellings
+    }
+
+
+def _read_manifest_text(manifest: Path, encoding: str | None) -> str:
+    """The CSV's text; bytes that are not ``encoding`` (default UTF-8) name their line."""
+    raw = manifest.read_bytes()
+    try:
+        codecs.lookup(encoding or "utf-8")
+    except LookupError:
+        raise LayoutError(f"{manifest}: unknown manifest encoding {encoding!r}") from None
+    try:
+        # utf-8-sig drops a byte-order mark, as spreadsheet programs write one.
+        return raw.decode("utf-8-sig" if encoding is None else encoding)
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        byte = raw[error.start : error.start + 1].hex()
+        hint = (
+            "save it as UTF-8, or pass --manifest-encoding (for example latin-1)"
+            if encoding is None
+            else "check --manifest-encoding"
+        )
+        raise LayoutError(
+            f"{manifest}: line {line} is not {encoding or 'UTF-8'} text (byte 0x{byte}); {hint}"
+        ) from None
+
+
+def _column_key(name: str) -> str:
+    """``Patient ID``, ``patient_id`` and ``PatientId`` all become ``patientid``."""
+    return re.sub(r"[\s_\-]", "", name.lower())
 
 
 def _row_numbers(positions: object) -> str:
-    # Spreadsheet row numbers: the header is row 1.
+    # CSV line numbers: the header is line 1.
     rows = [int(position) + 2 for position in positions]  # type: ignore[attr-defined]
     shown = ", ".join(map(str, rows[:10]))
     return shown + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
@@ -218,15 +292,24 @@ def _is_image_folder(data: Path) -> bool:
 
 @register_layout("imagefolder", detect=_is_image_folder)
 def list_image_folder(root: Path) -> Listing:
-    """``ROOT/<class>/**/<image>``: the class is the top folder; hidden entries are skipped."""
+    """``ROOT/<class>/**/<image>``: the class is the top folder; hidden entries are skipped.
+
+    An image in a subfolder of its class folder (``COVID/site a/1.png``) has that
+    subfolder's name as its source, so merged collections can be told apart.
+    """
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
     folders = _class_dirs(root)
     return Listing(
         samples=[
-            Sample(path=path, label=folder.name)
+            Sample(path=path, label=folder.name, source=_subfolder_of(path, folder))
             for folder in folders
             for path in _images_under(folder, root)
         ],
         classes=[folder.name for folder in folders],
     )
+
+
+def _subfolder_of(path: Path, folder: Path) -> str:
+    parts = path.relative_to(folder).parts
+    return parts[0] if len(parts) > 1 else ""

@@ -148,15 +148,22 @@ def make_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    test_source: str | None = None,
 ) -> SplitIndices:
-    """The train / val / test split of a sweep: fixed by the dataset, grouped, or stratified.
+    """The train / val / test split of a sweep: external, fixed by the dataset, grouped, or not.
 
-    A split the dataset fixes (a manifest's ``split`` column) is used as is, after
-    checking that no patient and no image content crosses it. Otherwise no group (see ``group_ids``)
-    crosses splits. Every class needs at least ``MIN_IMAGES_PER_SPLIT`` images in
-    every split.
+    With ``test_source`` every image of that source is the test split (an external-site
+    estimate) and val is carved from the other sources, grouped as below. A split the
+    dataset fixes (a manifest's ``split`` column) is used as is, after checking that no
+    patient and no image content crosses it. Otherwise no group (see ``group_ids``)
+    crosses splits. Every class needs at least ``MIN_IMAGES_PER_SPLIT`` images in every
+    split.
     """
-    if any(dataset.fixed_splits):
+    if test_source:
+        splits = _external_test_split(
+            dataset, groups, test_source, val_fraction / (1 - test_fraction), seed
+        )
+    elif any(dataset.fixed_splits):
         splits = _fixed_splits(dataset)
     elif len(np.unique(groups)) == len(groups):
         splits = stratified_split(
@@ -174,8 +181,60 @@ def make_splits(
             test_fraction=test_fraction,
             seed=seed,
         )
-    _require_images_per_split(dataset, splits)
+    try:
+        _require_images_per_split(dataset, splits)
+    except DataError as error:
+        if not test_source:
+            raise
+        raise DataError(
+            f"{error}; with test_source {test_source!r}: {_placement(splits)}"
+        ) from None
     return splits
+
+
+def _placement(splits: SplitIndices) -> str:
+    return ", ".join(f"{len(splits.of(split))} {split}" for split in SPLITS) + " images"
+
+
+def images_in_no_split(dataset: Dataset, splits: SplitIndices) -> int:
+    """Images a split left out (of other sources, linked to an external test source)."""
+    return len(dataset.labels) - sum(len(splits.of(split)) for split in SPLITS)
+
+
+def _external_test_split(
+    dataset: Dataset, groups: np.ndarray, test_source: str, val_fraction: float, seed: int
+) -> SplitIndices:
+    """Test = every image of ``test_source``; val = ``val_fraction`` of the rest, by group.
+
+    An image of another source that shares a group with a test image (the same patient,
+    or an exact copy) is in no split: in train it would leak the test set.
+    """
+    if any(dataset.fixed_splits):
+        raise DataError("test_source cannot be combined with a manifest's own split column")
+    sources = np.array(dataset.sources)
+    held_out = sources == test_source
+    if not held_out.any():
+        counts = pd.Series(sources[sources != ""]).value_counts()
+        known = ", ".join(f"{name!r} ({count})" for name, count in counts.items()) or "none"
+        raise DataError(f"test_source {test_source!r} matches no image; sources: {known}")
+    linked = np.isin(groups, groups[held_out]) & ~held_out
+    rest = np.flatnonzero(~held_out & ~linked)
+    if len(rest) == 0:
+        raise DataError(f"test_source {test_source!r} holds every image; none is left to train")
+    labels = dataset.labels[rest]
+    try:
+        if len(np.unique(groups[rest])) == len(rest):
+            train, val = train_test_split(
+                rest, test_size=val_fraction, stratify=labels, random_state=seed
+            )
+        else:
+            train, val = _one_group_fold(rest, labels, groups[rest], val_fraction, seed)
+    except ValueError as error:  # scikit-learn's word on a split that cannot be stratified
+        raise DataError(
+            f"cannot split the {len(rest)} images outside test_source {test_source!r} "
+            f"into train and val by class: {error}"
+        ) from error
+    return SplitIndices(train=np.sort(train), val=np.sort(val), test=np.flatnonzero(held_out))
 
 
 def _fixed_splits(dataset: Dataset) -> SplitIndices:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -352,6 +353,16 @@ def test_the_leaderboard_files_are_written(built: tuple[Path, Leaderboard]) -> N
 def test_the_header_says_the_data_are_synthetic(tmp_path: Path) -> None:
     leaderboard = build_leaderboard(read_experiment(make_experiment(tmp_path)), evaluate_test=False)
     assert "SYNTHETIC" in leaderboard.header
+
+
+def test_the_header_names_an_external_test_source_and_its_size(tmp_path: Path) -> None:
+    """Issue item 3: "test = external source NAME (n images)"."""
+    experiment = make_experiment(tmp_path)
+    info = DatasetInfo.read(experiment / "dataset.json")
+    info = dataclasses.replace(info, test_source="Hospital B")
+    info.write(experiment / "dataset.json")
+    leaderboard = build_leaderboard(read_experiment(experiment), evaluate_test=False)
+    assert "test = external source Hospital B (4 images)" in leaderboard.header
 
 
 def epochs_table(values: list[float]) -> pd.DataFrame:

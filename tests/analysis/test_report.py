@@ -328,6 +328,28 @@ def test_the_family_comparison_sets_each_family_s_best_ranked_trial_side_by_side
     assert comparison.loc["vgg16"].isna().all()  # never ranked
 
 
+def test_the_external_test_gap_is_test_minus_val_per_family_with_the_test_interval() -> None:
+    """Issue item 3: internal val against the external test source, per family."""
+    ranked = ranked_table(
+        [
+            ("b1", "baseline_cnn", "none", 0.9, 0.9, 0.7),
+            ("r1", "regularized_cnn", "none", 0.8, 0.8, 0.78),
+        ]
+    )
+    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    assert gap.loc["baseline_cnn", "macro_auc_gap"] == pytest.approx(-0.2)
+    assert gap.loc["baseline_cnn", "covid_recall_gap"] == pytest.approx(-0.1)
+    assert gap.loc["baseline_cnn", "test_macro_auc_low"] == pytest.approx(0.65)
+    # val 0.9 lies outside test's [0.65, 0.75]; r1's val 0.8 is inside [0.73, 0.83] for AUC
+    # but its recall 0.8 is outside [0.65, 0.75].
+    assert gap.loc["baseline_cnn", "val_inside_test_interval"] == "no"
+    assert pd.isna(gap.loc["vgg16", "val_inside_test_interval"])
+    ranked.loc[1, "test_covid_recall"] = 0.8
+    ranked.loc[1, ["test_covid_recall_low", "test_covid_recall_high"]] = (0.7, 0.85)
+    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    assert gap.loc["regularized_cnn", "val_inside_test_interval"] == "yes"
+
+
 def test_imbalance_strategies_show_the_best_and_median_of_their_trials() -> None:
     ranked = ranked_table(
         [
@@ -494,6 +516,43 @@ def test_without_a_journal_the_report_says_why_and_shows_only_the_top_trials(
         "trial_01_t1_learning_curves.png",
         "trial_01_t1_roc.png",
     ]
+
+
+def test_an_external_test_source_gets_its_val_versus_test_section(tmp_path: Path) -> None:
+    """Issue item 3: the report's internal-val versus external-test gap, per family."""
+    import dataclasses
+
+    from cxrtune.analysis.experiment import DatasetInfo
+
+    experiment = make_experiment(tmp_path)
+    info = DatasetInfo.read(experiment / "dataset.json")
+    dataclasses.replace(info, test_source="Hospital B").write(experiment / "dataset.json")
+    text = write_report(experiment, top=1).read_text()
+    section = text[text.index('<section id="external-test">') :]
+    section = section[: section.index("</section>")]
+    assert "<b>Hospital B</b> (4 images)" in section
+    assert "macro_auc_gap" in section and "val_inside_test_interval" in section
+
+
+def test_a_shortcut_warning_of_the_ingest_report_opens_the_data_section(tmp_path: Path) -> None:
+    """Issue item 4: the report says so in plain words, naming the sources."""
+    from cxrtune.trainables.data import IngestReport
+    from cxrtune.trainables.shortcut import ShortcutCheck
+
+    experiment = make_experiment(tmp_path)
+    check = ShortcutCheck(
+        sources={"site A": 50, "site B": 50},
+        balanced_accuracy=0.97,
+        chance=0.5,
+        cramers_v=0.8,
+        warns=True,
+    )
+    ingest = IngestReport(data="m.csv", layout="manifest", shortcut=check.to_dict())
+    (experiment / "ingest_report.json").write_text(ingest.to_json())
+    text = write_report(experiment, top=1).read_text()
+    section = text[text.index('<section id="data">') :]
+    assert section.index("SHORTCUT RISK: the source (site A, site B)") < section.index("<table")
+    assert report.read_shortcut_warning(tmp_path) == ""  # no ingest report there
 
 
 def test_a_top_below_one_is_an_error(tmp_path: Path) -> None:

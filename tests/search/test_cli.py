@@ -144,6 +144,44 @@ def test_inspect_exits_2_without_the_positive_class_unless_told_which_it_is(
     assert "positive class: Pneumonia" in accepted.stdout
 
 
+def test_data_inspect_reads_a_latin1_manifest_only_when_told_its_encoding(
+    make_image_folder: Callable[..., Path],
+) -> None:
+    """Issue item 2: exit 2 naming the line, or a report with --manifest-encoding."""
+    root = make_image_folder({"COVID": 20, "Normal": 20})  # enough to split
+    manifest = root / "m.csv"
+    rows = [f"{path.relative_to(root)},{path.parent.name},Hôpital" for path in root.rglob("*.png")]
+    manifest.write_bytes(("path,label,source\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    refused = run_cli("data", "inspect", str(manifest))
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert "line 2 is not UTF-8" in refused.stderr and "Traceback" not in refused.stderr
+    read = run_cli("data", "inspect", str(manifest), "--manifest-encoding", "latin-1")
+    assert read.returncode == EXIT_OK, read.stderr
+    assert "COVID: 20" in read.stdout
+
+
+def test_a_test_source_matching_no_image_stops_the_sweep_with_exit_2_and_the_counts(
+    tmp_path: Path,
+) -> None:
+    """Issue item 3: the guard runs before any trial (and before Ray starts)."""
+    from tests.trainables.test_ingest import four_scans
+
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    rows = [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},site {i % 2}" for i in range(4)]
+    manifest.write_text("path,label,source\n" + "\n".join(rows) + "\n")
+    result = run_cli(
+        "sweep", "--data", str(manifest), "--test-source", "elsewhere",
+        "--set", f"storage_path={tmp_path / 'results'}",
+    )  # fmt: skip
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    assert "test_source 'elsewhere' matches no image; sources: 'site 0' (2), 'site 1' (2)" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "results").glob("*/*_*"))  # no trial folder
+
+
 def test_bad_files_stop_inspect_and_sweep_with_exit_2_listing_all(
     make_image_folder: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -182,3 +182,25 @@ def test_the_positive_class_matches_common_spellings(names: tuple[str, ...], exp
 def test_a_missing_positive_class_is_an_error_listing_the_classes() -> None:
     with pytest.raises(DataError, match=r"no class matches.*Normal"):
         find_positive_class(("Normal", "Pneumonia"), "COVID")
+
+
+def test_a_16_bit_image_is_stretched_by_lookup_exactly_as_by_the_float_formula() -> None:
+    """Performance item: the lookup table gives the float formula's pixels, offset range too."""
+    from cxrtune.trainables.data import _stretch_to_8_bits
+
+    values = np.random.default_rng(0).integers(300, 4000, (40, 30)).astype(np.uint16)
+    low, high = float(values.min()), float(values.max())
+    expected = np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+    assert np.array_equal(_stretch_to_8_bits(values), expected)
+    assert not _stretch_to_8_bits(np.full((3, 3), 7, dtype=np.uint16)).any()
+
+
+def test_readable_images_are_compacted_in_place_in_their_order() -> None:
+    """Performance item: no second copy of the decoded array when some files failed."""
+    from cxrtune.trainables.data import _compact
+
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1).repeat(2, axis=2)
+    kept = _compact(images, np.array([0, 2, 3, 5]))
+    assert kept.base is images or kept.base is images.base
+    assert kept[:, 0, 0, 0].tolist() == [0, 2, 3, 5]
+    assert _compact(images, np.arange(4)).shape[0] == 4

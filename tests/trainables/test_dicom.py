@@ -272,3 +272,63 @@ def test_the_output_is_uint8_c_contiguous_with_shape_rows_by_columns(
     assert image.dtype == np.uint8
     assert image.shape == (5, 7)
     assert image.flags.c_contiguous
+
+
+def pydicom_test_archive() -> list[Path]:
+    """Every file of the test archive that ships inside pydicom's wheel.
+
+    Listed from the wheel's own folder: ``get_testdata_files`` would also try to download
+    pydicom's larger online archive, and tests run without the network.
+    """
+    from pydicom.data import get_testdata_file
+
+    folder = Path(str(get_testdata_file("CT_small.dcm"))).parent
+    return sorted(path for path in folder.iterdir() if path.is_file())
+
+
+def test_every_file_of_pydicoms_archive_decodes_or_is_refused_with_a_reason() -> None:
+    """Issue item 1: compressed, deflated and big-endian files decode; the rest say why.
+
+    Counts the archive's pixel-bearing files that decode; the count may not fall below
+    what pydicom's own ``pixel_array`` decodes here. No file ends in anything but a
+    DicomError with a reason naming the transfer syntax or the defect.
+    """
+    import warnings
+
+    import pydicom
+
+    decoded_by_cxrtune = decoded_by_pydicom = 0
+    reasons: dict[str, str] = {}
+    for path in pydicom_test_archive():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding is the point
+                decoded_by_pydicom += 1
+            except Exception:
+                pass
+            try:
+                image = decode_dicom(path)
+            except DicomError as error:
+                reasons[path.name] = str(error)
+                continue
+        assert image.dtype == np.uint8 and image.ndim == 2
+        decoded_by_cxrtune += 1
+    assert decoded_by_cxrtune >= decoded_by_pydicom
+    assert decoded_by_cxrtune >= 55  # what this archive held at pydicom 3.0
+    for name in (
+        "JPGExtended.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "image_dfl.dcm",
+        "MR_small_bigendian.dcm",
+        "examples_palette.dcm",
+        "SC_rgb_rle_2frame.dcm",
+    ):
+        assert name not in reasons, reasons.get(name)
+    assert "less than expected" in reasons["MR_truncated.dcm"]
+    assert "Bits Allocated" in reasons["nested_priv_SQ.dcm"]
+    assert reasons["rtplan.dcm"] == "no pixel data (RT Plan Storage)"
+    assert reasons["test-SR.dcm"] == "no pixel data (Comprehensive SR Storage)"
+    assert "JPEG Extended" in reasons["JPEG-lossy.dcm"]

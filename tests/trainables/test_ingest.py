@@ -141,7 +141,7 @@ def test_a_manifest_gives_paths_labels_patients_and_sources(tmp_path: Path) -> N
     [
         ({"path": ["a.png"], "labels": ["COVID"]}, "missing column"),
         ({"path": ["a.png"], "label": ["COVID"], "patient": ["p"]}, "unknown column"),
-        ({"path": ["a.png", ""], "label": ["COVID", "Normal"]}, "empty 'path' in row"),
+        ({"path": ["a.png", ""], "label": ["COVID", "Normal"]}, "empty 'path' on line"),
         ({"path": ["a.png"], "label": ["COVID"], "split": ["training"]}, "split must be one of"),
     ],
 )
@@ -152,6 +152,117 @@ def test_a_malformed_manifest_is_an_error_saying_what_is_wrong(
     pd.DataFrame(columns).to_csv(manifest, index=False)
     with pytest.raises(DataError, match=message):
         ingest(manifest, 16)
+
+
+def test_an_image_folder_s_subfolders_below_a_class_are_its_sources(tmp_path: Path) -> None:
+    """Issue item 3: sources from the folder an image sits in below its class folder."""
+    for index, relative in enumerate(
+        ["COVID/site a/1.png", "COVID/site b/2.png", "Normal/site a/3.png", "Normal/4.png"]
+    ):
+        write_png(tmp_path / "data" / relative, distinct_pixels(3000 + index))
+    result = ingest(tmp_path / "data", 16, cache_dir=tmp_path / "cache")
+    assert result.dataset.sources == ("site a", "site b", "", "site a")
+    assert result.report.sources == 2
+
+
+def four_scans(root: Path) -> None:
+    for index in range(4):
+        write_png(root / "scans" / f"{index}.png", distinct_pixels(2000 + index))
+
+
+def test_a_utf8_manifest_reads_with_or_without_a_byte_order_mark(tmp_path: Path) -> None:
+    """Issue item 2: spreadsheet programs write UTF-8 with a BOM; both forms read."""
+    four_scans(tmp_path)
+    text = "path,label,source\n" + "".join(
+        f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},Hôpital Sud\n" for i in range(4)
+    )
+    for name, prefix in (("plain.csv", b""), ("bom.csv", b"\xef\xbb\xbf")):
+        (tmp_path / name).write_bytes(prefix + text.encode("utf-8"))
+        result = ingest(tmp_path / name, 16, cache_dir=tmp_path / "cache")
+        assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
+        assert set(result.dataset.sources) == {"Hôpital Sud"}
+
+
+def test_a_latin1_manifest_names_its_line_unless_the_encoding_is_given(tmp_path: Path) -> None:
+    """Issue item 2: another encoding is a clear error naming the line, or reads when named."""
+    four_scans(tmp_path)
+    lines = ["path,label,source"]
+    lines += [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'},site" for i in range(3)]
+    lines.append("scans/3.png,Normal,Hôpital Sud")
+    manifest = tmp_path / "latin.csv"
+    manifest.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"line 5 is not UTF-8 text .*--manifest-encoding"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    result = ingest(manifest, 16, manifest_encoding="latin-1", cache_dir=tmp_path / "cache")
+    assert "Hôpital Sud" in result.dataset.sources
+    with pytest.raises(DataError, match="unknown manifest encoding 'klingon'"):
+        ingest(manifest, 16, manifest_encoding="klingon", cache_dir=tmp_path / "cache")
+
+
+def test_manifest_columns_match_loosely_and_paths_may_be_absolute(tmp_path: Path) -> None:
+    """Issue item 2: `Patient ID`, `patientid`, `patient_id`; absolute or CSV-relative paths."""
+    four_scans(tmp_path)
+    absolute = (tmp_path / "scans" / "3.png").resolve()
+    for header in ("Path, Label ,Patient ID", "PATH,label,patientid", "path,LABEL,patient_id"):
+        manifest = tmp_path / "lists" / "m.csv"
+        manifest.parent.mkdir(exist_ok=True)
+        manifest.write_text(
+            f"{header}\n../scans/0.png,COVID,p1\n../scans/1.png,COVID,p1\n"
+            f"../scans/2.png,Normal,p2\n{absolute},Normal,p3\n"
+        )
+        dataset = ingest(manifest, 16, cache_dir=tmp_path / "cache").dataset
+        assert dataset.patients == ("p1", "p1", "p2", "p3")
+        assert dataset.paths[-1] == absolute.as_posix()
+    manifest.write_text("path,label,Patient ID,patient_id\nscans/0.png,COVID,p,p\n")
+    with pytest.raises(DataError, match="given twice"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+
+
+def test_manifest_rows_without_a_label_are_listed_and_left_out(tmp_path: Path) -> None:
+    """Issue item 2: an empty label is never guessed."""
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "path,label\nscans/0.png,COVID\nscans/1.png,\nscans/2.png,Normal\nscans/3.png, \n"
+    )
+    for _ in range(2):  # the second read comes from the cache
+        result = ingest(manifest, 16, cache_dir=tmp_path / "cache")
+        assert result.dataset.paths == ("scans/0.png", "scans/2.png")
+        assert result.report.notes == ["m.csv: 2 row(s) with an empty label left out, line(s) 3, 5"]
+
+
+def test_a_manifest_row_whose_file_is_missing_is_named_by_line_and_follows_bad_image_rules(
+    tmp_path: Path,
+) -> None:
+    """Issue item 2: refused (listed with the line) unless --skip-bad-images."""
+    four_scans(tmp_path)
+    manifest = tmp_path / "m.csv"
+    rows = [f"scans/{i}.png,{'COVID' if i < 2 else 'Normal'}" for i in range(4)]
+    manifest.write_text("path,label\n" + "\n".join([*rows, "scans/gone.png,Normal"]) + "\n")
+    with pytest.raises(DataError, match=r"scans/gone.png: file not found \(manifest line 6\)"):
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    result = ingest(manifest, 16, skip_bad_images=True, cache_dir=tmp_path / "cache")
+    assert result.report.skipped == 1 and len(result.dataset.paths) == 4
+
+
+def test_a_label_spelled_unlike_its_class_is_named_by_line_and_follows_bad_image_rules(
+    tmp_path: Path,
+) -> None:
+    """Issue item 2: `covid` beside `COVID` matches no class: refused or skipped, not merged."""
+    for index in range(6):
+        write_png(tmp_path / "scans" / f"{index}.png", distinct_pixels(4000 + index))
+    manifest = tmp_path / "m.csv"
+    labels = ["COVID", "COVID", "covid", "Normal", "Normal", "NORMAL"]
+    rows = [f"scans/{i}.png,{label}" for i, label in enumerate(labels)]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as refused:
+        ingest(manifest, 16, cache_dir=tmp_path / "cache")
+    message = str(refused.value)
+    assert "scans/2.png: label 'covid' matches no class" in message
+    assert "(manifest line 4)" in message and "(manifest line 7)" in message
+    result = ingest(manifest, 16, skip_bad_images=True, cache_dir=tmp_path / "cache")
+    assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
+    assert result.report.skipped == 2
 
 
 def make_folder_with_bad_files(root: Path) -> Path:
@@ -267,6 +378,45 @@ def test_dicom_files_are_ingested_beside_pngs(tmp_path: Path) -> None:
     result = ingest(root, 16)
     assert result.dataset.class_counts() == {"COVID": 2, "Normal": 2}
     assert result.report.modes["DICOM"] == 2
+    assert result.report.transfer_syntaxes == {"Explicit VR Little Endian": 2}
+
+
+def test_compressed_dicom_is_ingested_and_counted_per_transfer_syntax(tmp_path: Path) -> None:
+    """Issue item 1: the ingest report and `data inspect` count images per transfer syntax."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "data"
+    compressed = {
+        # The MR_small files hold one picture in four encodings: lossless, so equal pixels.
+        "COVID": [
+            "MR_small_RLE.dcm",
+            "MR_small_jp2klossless.dcm",
+            "MR_small_jpeg_ls_lossless.dcm",
+            "MR_small_bigendian.dcm",
+        ],
+        "Normal": ["JPGExtended.dcm", "image_dfl.dcm"],
+    }
+    for class_name, names in compressed.items():
+        (root / class_name).mkdir(parents=True)
+        for name in names:
+            shutil.copy(str(get_testdata_file(name)), root / class_name / name)
+    result = ingest(root, 16, cache_dir=tmp_path / "cache")
+    assert result.dataset.class_counts() == {"COVID": 4, "Normal": 2}
+    assert result.report.duplicate_sets == 1 and result.report.duplicate_images == 4
+    assert result.report.transfer_syntaxes == {
+        "RLE Lossless": 1,
+        "JPEG 2000 Image Compression (Lossless Only)": 1,
+        "JPEG Extended (Process 2 and 4)": 1,
+        "JPEG-LS Lossless Image Compression": 1,
+        "Explicit VR Big Endian": 1,
+        "Deflated Explicit VR Little Endian": 1,
+    }
+    text = result.report.to_text()
+    assert "DICOM transfer syntaxes:" in text and "  RLE Lossless: 1" in text
+    cached = ingest(root, 16, cache_dir=tmp_path / "cache")
+    assert cached.report.transfer_syntaxes == result.report.transfer_syntaxes
 
 
 def test_a_manifest_with_patients_spanning_many_images_splits_without_leaks(

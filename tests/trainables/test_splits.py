@@ -11,6 +11,7 @@ import pytest
 from cxrtune.trainables.data import DataError, Dataset
 from cxrtune.trainables.splits import (
     group_ids,
+    images_in_no_split,
     make_splits,
     read_splits,
     stratified_split,
@@ -242,3 +243,83 @@ def test_a_class_too_small_to_split_is_named_and_scikit_learn_stays_quiet() -> N
             warnings.simplefilter("error")  # any warning fails the test
             with pytest.raises(DataError, match=r"too few images to split.*COVID has"):
                 grouped(dataset, group_by=group_by)
+
+
+def two_source_dataset(per_source: dict[str, list[int]], patients_per_image: int = 1) -> Dataset:
+    """Images of two or more sources; ``per_source`` gives each source's images per class."""
+    labels, sources, patients = [], [], []
+    for source, counts in per_source.items():
+        for label, count in enumerate(counts):
+            for index in range(count):
+                labels.append(label)
+                sources.append(source)
+                patients.append(f"{source}-{label}-{index // patients_per_image}")
+    count = len(labels)
+    return Dataset(
+        images=np.zeros((count, 1, 8, 8), dtype=np.uint8),
+        labels=np.array(labels),
+        class_names=("COVID", "Normal"),
+        paths=tuple(f"{i}.png" for i in range(count)),
+        hashes=tuple(f"h{i}" for i in range(count)),
+        patients=tuple(patients),
+        sources=tuple(sources),
+    )
+
+
+def test_a_test_source_holds_out_its_images_and_val_comes_from_the_rest_by_patient() -> None:
+    """Issue item 3: the external-site test split."""
+    dataset = two_source_dataset({"A": [30, 60], "B": [10, 20]}, patients_per_image=2)
+    groups = group_ids(dataset, "patient")
+    parts = make_splits(
+        dataset, groups, val_fraction=0.15, test_fraction=0.15, seed=0, test_source="B"
+    )
+    sources = np.array(dataset.sources)
+    assert set(sources[parts.test]) == {"B"} and len(parts.test) == 30
+    assert set(sources[parts.train]) == set(sources[parts.val]) == {"A"}
+    assert len(parts.train) + len(parts.val) == 90
+    assert 0.1 < len(parts.val) / 90 < 0.3  # val_fraction of the whole, kept against train
+    patients = np.array(dataset.patients)
+    assert not set(patients[parts.train]) & set(patients[parts.val])
+
+
+def test_an_image_linked_to_the_test_source_is_in_no_split() -> None:
+    """Issue item 3: a copy of a test image elsewhere would leak the external test set."""
+    base = two_source_dataset({"A": [30, 60], "B": [10, 20]})
+    hashes = list(base.hashes)
+    hashes[0] = hashes[-1]  # an image of A is an exact copy of one of B
+    dataset = dataclasses.replace(base, hashes=tuple(hashes))
+    groups = group_ids(dataset, "patient")
+    parts = make_splits(
+        dataset, groups, val_fraction=0.15, test_fraction=0.15, seed=0, test_source="B"
+    )
+    placed = np.concatenate([parts.train, parts.val, parts.test])
+    assert 0 not in placed and len(placed) == len(dataset.labels) - 1
+    assert images_in_no_split(dataset, parts) == 1
+
+
+@pytest.mark.parametrize(
+    ("per_source", "test_source", "message"),
+    [
+        ({"A": [30, 60], "B": [10, 20]}, "C", r"matches no image; sources: 'A' \(90\), 'B' \(30\)"),
+        (
+            {"A": [30, 60], "B": [2, 20]},
+            "B",
+            r"COVID has 2 in test; with test_source 'B': \d+ train, \d+ val, 22 test images",
+        ),
+        ({"A": [30, 60]}, "A", "holds every image"),
+    ],
+)
+def test_a_test_source_that_matches_nothing_or_starves_a_class_is_refused_with_counts(
+    per_source: dict[str, list[int]], test_source: str, message: str
+) -> None:
+    """Issue item 3: the guards that stop a sweep before any trial."""
+    dataset = two_source_dataset(per_source)
+    with pytest.raises(DataError, match=message):
+        make_splits(
+            dataset,
+            group_ids(dataset, "patient"),
+            val_fraction=0.15,
+            test_fraction=0.15,
+            seed=0,
+            test_source=test_source,
+        )
