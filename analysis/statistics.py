@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.stats import mannwhitneyu
-from sklearn.metrics import confusion_matrix, roc_curve
+from sklearn.metrics import confusion_matrix
+
+# One definition of the operating point for the per-epoch metric and the leaderboard.
+from cxrtune.trainables.metrics import threshold_for_specificity
 
 __all__ = [
     "bootstrap_distribution",
@@ -160,33 +163,6 @@ def metric_intervals(
             np.mean(per_class, axis=0) if per_class else np.full(resamples, math.nan)
         )
     return {name: percentile_interval(values[name], confidence) for name in names}
-
-
-def threshold_for_specificity(
-    is_positive: np.ndarray, scores: np.ndarray, target_specificity: float
-) -> float:
-    """The lowest score threshold whose specificity on these labels is at least the target.
-
-    A sample is called positive when ``score >= threshold`` (scikit-learn's
-    ``roc_curve`` convention). If no finite threshold reaches the target the
-    answer is ``inf``: call nothing positive. Labels of one class only are a
-    ``ValueError``: specificity or sensitivity would be undefined.
-    """
-    is_positive = np.asarray(is_positive, dtype=bool)
-    positives = int(is_positive.sum())
-    negatives = len(is_positive) - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError(
-            "choosing a threshold needs both positive and negative labels, "
-            f"got {positives} positive(s) and {negatives} negative(s)"
-        )
-    # Every distinct score is a candidate: the default drop_intermediate would drop the
-    # inner points of a run of negatives, where the lowest threshold often lies.
-    false_positive_rate, _, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
-    # Thresholds fall and the false positive rate rises along the curve, so the
-    # thresholds that reach the target are a prefix and the lowest is its end.
-    reaches_target = 1.0 - false_positive_rate >= target_specificity
-    return float(thresholds[np.flatnonzero(reaches_target)[-1]])
 
 
 def recall_and_specificity_at(

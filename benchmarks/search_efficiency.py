@@ -194,7 +194,7 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     with cache_dir(settings.workdir / "search-cache"), private_ray():
         for seed in seeds:
             config = sweep_config(seed, max_epochs, images=300 if settings.quick else 1200)
-            data = prepare_data(config).trial_data()
+            data = prepare_data(config).trial_data(config.target_specificity)
             # Alternate which side runs first, so drift does not always favour one.
             order = ["random", "cxrtune"] if seed % 2 == 0 else ["cxrtune", "random"]
             runs = {kind: run_search(kind, config, data, budget, storage) for kind in order}

@@ -24,6 +24,7 @@ SAMPLERS = ("tpe", "nsga2")
 GROUPINGS = ("patient", "source", "none")
 # Metrics a sweep may optimise or schedule on; they are what every trial reports.
 SEARCHABLE_METRICS = (
+    "val_covid_recall_at_spec",
     "val_covid_recall",
     "val_macro_auc",
     "val_accuracy",
@@ -109,7 +110,9 @@ class SweepConfig:
     grace_period: int = 2  # epochs every trial gets before ASHA may stop it
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
     scheduler_metric: str = "val_macro_auc"
-    objectives: list[str] = field(default_factory=lambda: ["val_covid_recall", "val_macro_auc"])
+    objectives: list[str] = field(
+        default_factory=lambda: ["val_covid_recall_at_spec", "val_macro_auc"]
+    )
     sampler: str = "tpe"  # "tpe" or "nsga2" (nsga2 needs two objectives)
     try_each_family_first: bool = True  # the first trials cover every family once
     max_concurrent_trials: int = 0  # 0 = as many as the resources allow

@@ -25,7 +25,7 @@ from cxrtune.search.tuner import RAY_TRIAL_ID_ATTR
 
 pytestmark = pytest.mark.slow
 NUM_SAMPLES = 3
-OBJECTIVES = ["val_covid_recall", "val_macro_auc"]
+OBJECTIVES = ["val_covid_recall_at_spec", "val_macro_auc"]
 PER_EPOCH = ["val_macro_auc", "val_covid_recall", "train_loss"]
 
 

@@ -38,7 +38,7 @@ from cxrtune.search.tuner import (
     mlflow_callback,
 )
 
-OBJECTIVES = ["val_covid_recall", "val_macro_auc"]
+OBJECTIVES = ["val_covid_recall_at_spec", "val_macro_auc"]
 
 
 def open_study(journal: Path) -> optuna.Study:
@@ -48,7 +48,7 @@ def open_study(journal: Path) -> optuna.Study:
 def finish(searcher: TrialIdOptunaSearch, trial_id: str, recall: float, auc: float) -> None:
     searcher.suggest(trial_id)
     searcher.on_trial_complete(
-        trial_id, result={"val_covid_recall": recall, "val_macro_auc": auc, "epoch": 1}
+        trial_id, result={"val_covid_recall_at_spec": recall, "val_macro_auc": auc, "epoch": 1}
     )
 
 
