@@ -19,9 +19,11 @@ without ASHA). At each budget (in trial-epochs), per variant:
   at its best-validation epoch, reference point (0, 0);
 - how often its hypervolume beats random's.
 
-``REPLAY_SEEDS`` in the environment sets the number of seeds (default 20).
+``REPLAY_SEEDS`` in the environment sets the number of seeds (default 20);
+``REPLAY_VARIANTS`` (comma-separated, ``random`` among them) the variants, among
+them one-change variants of the sweep defaults (``VARIANTS``).
 A PNG of the anytime curves (median running best primary objective over seeds)
-goes to ``benchmarks/results/search_efficiency_anytime.png``.
+goes to ``benchmarks/results/search_efficiency_anytime.png`` (not for ``--quick``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,24 @@ from cxrtune.search.config import SweepConfig, load_sweep_config
 
 BUDGETS = (50, 100, 200)
 SEEDS = 20
-VARIANTS = ("cxrtune", "random", "random_asha", "tpe")
+# name -> (sampler, ASHA or not, sweep-file overrides). The first four are the
+# comparison; the others change one sweep default each, to choose the defaults by
+# measurement (``REPLAY_VARIANTS=cxrtune,random,pruned,... `` runs a selection).
+VARIANTS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "cxrtune": ("tpe", True, ()),
+    "random": ("random", False, ()),
+    "random_asha": ("random", True, ()),
+    "tpe": ("tpe", False, ()),
+    "pruned": ("tpe", True, ("stopped_trials=pruned",)),
+    "omit": ("tpe", True, ("stopped_trials=omit",)),
+    "independent": ("tpe", True, ("tpe_multivariate=false", "tpe_group=false")),
+    "no_group": ("tpe", True, ("tpe_group=false",)),
+    "no_liar": ("tpe", True, ("tpe_constant_liar=false",)),
+    "startup_10": ("tpe", True, ("tpe_startup_trials=10",)),
+    "grace_1": ("tpe", True, ("grace_period=1",)),
+    "reduction_3": ("tpe", True, ("reduction_factor=3",)),
+}
+COMPARED = ("cxrtune", "random", "random_asha", "tpe")
 PRIMARY, SECONDARY = TARGETS
 SHARE_GOAL = Goal("<=", 0.4)
 BEATS_GOAL = Goal(">=", 0.8)
@@ -98,11 +117,12 @@ def run_variant(
 
     from cxrtune.search.tuner import build_scheduler, build_searcher, trial_dirname
 
-    config = replay_config(seed)
+    sampler, asha, overrides = VARIANTS[variant]
+    config = replay_config(seed, overrides)
     searcher = build_searcher(config, "none")
-    if variant.startswith("random"):
+    if sampler == "random":
         searcher.study.sampler = optuna.samplers.RandomSampler(seed=seed)
-    scheduler = build_scheduler(config) if variant in ("cxrtune", "random_asha") else None
+    scheduler = build_scheduler(config) if asha else None
     records: list[dict[str, Any]] = []
 
     class Timeline(tune.Callback):
@@ -257,11 +277,16 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     seeds = list(range(2 if settings.quick else int(os.environ.get("REPLAY_SEEDS", SEEDS))))
     budgets = (20,) if settings.quick else BUDGETS
     storage = settings.workdir / "replay"
-    series: dict[str, list[list[tuple[float, float, float]]]] = {v: [] for v in VARIANTS}
+    chosen = os.environ.get("REPLAY_VARIANTS")
+    variants = tuple(chosen.split(",")) if chosen else COMPARED
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "random" not in variants:
+        raise ValueError(f"REPLAY_VARIANTS: give 'random' and any of {list(VARIANTS)}")
+    series: dict[str, list[list[tuple[float, float, float]]]] = {v: [] for v in variants}
     with private_ray():
         surrogate_ref = ray.put(surrogate)
         for seed in seeds:
-            for variant in VARIANTS:
+            for variant in variants:
                 records = run_variant(variant, seed, surrogate_ref, max(budgets), storage)
                 series[variant].append(anytime(records))
 
@@ -269,7 +294,7 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     for budget in budgets:
         random_best = [at_budget(run, budget)[0] for run in series["random"]]
         random_volume = [at_budget(run, budget)[1] for run in series["random"]]
-        for variant in VARIANTS:
+        for variant in variants:
             reached = [
                 share_to_reach(run, target, budget)
                 for run, target in zip(series[variant], random_best, strict=True)
@@ -314,7 +339,9 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
                     baseline=Side("random", "hypervolume", random_volume),
                 )
             )
-    plot_anytime(series, PLOT)
+    # A smoke run's plot means nothing: it stays in the scratch folder.
+    plot = settings.workdir / PLOT.name if settings.quick else PLOT
+    plot_anytime(series, plot)
     return BenchmarkResult(
         rows=rows,
         details={
@@ -324,6 +351,6 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
             "seed_spread": surrogate.spread,
             "epoch_cost": surrogate.epoch_cost,
             "summary": summary,
-            "plot": str(PLOT),
+            "plot": str(plot),
         },
     )
