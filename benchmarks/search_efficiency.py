@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -287,8 +288,15 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
         surrogate_ref = ray.put(surrogate)
         for seed in seeds:
             for variant in variants:
+                started = time.perf_counter()
                 records = run_variant(variant, seed, surrogate_ref, max(budgets), storage)
                 series[variant].append(anytime(records))
+                print(
+                    f"seed {seed} {variant:<12} {len(records)} epochs, "
+                    f"best {PRIMARY} {series[variant][-1][-1][1]:.3f} "
+                    f"({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
 
     rows, summary = [], {}
     for budget in budgets:
