@@ -306,8 +306,10 @@ def write_report(
             figures.embed(
                 "pareto_front",
                 plots.plot_pareto_front(points),
-                "Val COVID recall against val macro AUC of every ranked trial",
-                "Every ranked trial's val COVID recall and val macro AUC at its chosen epoch, "
+                "Val COVID recall at the target specificity against val macro AUC of every "
+                "ranked trial",
+                "Every ranked trial's val COVID recall at the target specificity (the "
+                "threshold column's operating point) and val macro AUC at its chosen epoch, "
                 "coloured by family. Circled: the Pareto-optimal trials (no other trial is at "
                 "least as good on both and better on one), labelled with their rank.",
             )
@@ -367,7 +369,8 @@ def write_report(
                 "imbalance",
                 plots.plot_imbalance(points, strategies),
                 "Val metrics of every trial by imbalance strategy",
-                "Every ranked trial's val COVID recall and macro AUC by imbalance strategy, "
+                "Every ranked trial's val COVID recall at spec and macro AUC by imbalance "
+                "strategy, "
                 "coloured by family; the black bar is the strategy's median.",
             ),
         ],

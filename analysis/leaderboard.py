@@ -12,6 +12,11 @@ the cache stale. Every test column is computed from those saved predictions.
 Test numbers never feed back into the search, and the val predictions serve
 only to choose the threshold.
 
+Trials are ranked by the sweep's ``objectives`` (by default
+``val_covid_recall_at_spec`` and ``val_macro_auc``): the Pareto front first,
+then each objective in order. ``val_covid_recall_at_spec`` is the val recall at
+the ``threshold`` below; argmax ``val_covid_recall`` stays as a column.
+
 The test columns, after the validation ones:
 
 - ``test_covid_recall``, ``test_macro_auc``, ``test_accuracy``: argmax recall
@@ -23,7 +28,8 @@ The test columns, after the validation ones:
   reaches the sweep's ``target_specificity`` on val (positive when
   ``probability >= threshold``; ``inf`` when no threshold reaches it);
 - ``test_covid_recall_at_threshold``, ``test_specificity_at_threshold``: what
-  that threshold gives on test.
+  that threshold gives on test; the recall with its bootstrap interval
+  (``test_covid_recall_at_threshold_low``/``_high``), the threshold held fixed.
 
 The table and Markdown styles show each interval beside its estimate, as
 ``0.933 [0.880, 0.970]``; the CSV keeps every column at full precision.
@@ -56,7 +62,7 @@ from cxrtune.analysis.statistics import (
     recall_and_specificity_at,
     threshold_for_specificity,
 )
-from cxrtune.trainables.metrics import classification_metrics
+from cxrtune.trainables.metrics import classification_metrics, recall_at_specificity
 
 DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
 DEFAULT_BOOTSTRAP_RESAMPLES = 1000
@@ -81,6 +87,7 @@ COLUMNS = (
     *HYPERPARAMETERS,
     "epochs",
     "best_epoch",
+    "val_covid_recall_at_spec",
     "val_covid_recall",
     "val_macro_auc",
     "test_covid_recall",
@@ -93,6 +100,8 @@ COLUMNS = (
     "threshold",
     "test_covid_recall_at_threshold",
     "test_specificity_at_threshold",
+    "test_covid_recall_at_threshold_low",
+    "test_covid_recall_at_threshold_high",
 )
 TEST_COLUMNS = COLUMNS[COLUMNS.index("test_covid_recall") :]
 # The result.json key naming the checkpoint folder Ray wrote with each epoch.
@@ -156,8 +165,13 @@ def unranked_reason(record: TrialRecord, metric: str) -> str:
     )
 
 
-def trial_row(record: TrialRecord, best: pd.Series) -> dict[str, Any]:
-    """The leaderboard row of one trial, validation part only."""
+def trial_row(
+    record: TrialRecord, best: pd.Series, objectives: Sequence[str] = DEFAULT_OBJECTIVES
+) -> dict[str, Any]:
+    """The leaderboard row of one trial, validation part only.
+
+    A metric the trial never reported (an experiment older than the metric) is NaN.
+    """
     config = record.config
     row: dict[str, Any] = {
         "trial_id": record.trial_id,
@@ -167,8 +181,10 @@ def trial_row(record: TrialRecord, best: pd.Series) -> dict[str, Any]:
     row.update({name: config.get(name) for name in HYPERPARAMETERS})
     row["epochs"] = int(record.results["epoch"].max())
     row["best_epoch"] = int(best["epoch"])
-    row["val_covid_recall"] = float(best["val_covid_recall"])
-    row["val_macro_auc"] = float(best["val_macro_auc"])
+    for name in dict.fromkeys(
+        ["val_covid_recall_at_spec", "val_covid_recall", "val_macro_auc", *objectives]
+    ):
+        row[name] = float(best.get(name, math.nan))
     return row
 
 
@@ -179,6 +195,9 @@ def build_leaderboard(
     metric = str(experiment.sweep.get("scheduler_metric", "val_macro_auc"))
     mode = "min" if metric.endswith("loss") else "max"
     records = {record.trial_id: record for record in experiment.trials}
+    objectives = list(experiment.sweep.get("objectives") or DEFAULT_OBJECTIVES)
+    # An objective the default columns lack (val_accuracy, say) is shown too.
+    columns = [*COLUMNS, *(name for name in objectives if name not in COLUMNS)]
     rows, failed = [], []
     chosen: dict[str, str] = {}
     for record in experiment.trials:
@@ -187,10 +206,10 @@ def build_leaderboard(
             reason = record.error or unranked_reason(record, metric)
             failed.append({"trial_id": record.trial_id, "family": record.family, "error": reason})
             continue
-        rows.append(trial_row(record, best))
+        rows.append(trial_row(record, best, objectives))
         chosen[record.trial_id] = str(best[CHECKPOINT_COLUMN])
 
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    table = pd.DataFrame(rows, columns=[c for c in columns if c != "rank"])
     table[list(TEST_COLUMNS)] = math.nan
     predictions: dict[str, dict[str, Predictions]] = {}
     if evaluate_test and rows:
@@ -203,9 +222,9 @@ def build_leaderboard(
         table = table[~table["trial_id"].isin(unreadable)].reset_index(drop=True)
         for column in TEST_COLUMNS:
             table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
-    ranked = rank_trials(table, DEFAULT_OBJECTIVES).drop(columns="pareto_front")
+    ranked = rank_trials(table, objectives).drop(columns="pareto_front")
     return Leaderboard(
-        ranked=ranked[list(COLUMNS)],
+        ranked=ranked[columns],
         failed=pd.DataFrame(failed, columns=["trial_id", "family", "error"]),
         header=leaderboard_header(experiment),
         checkpoints={
@@ -243,7 +262,8 @@ def leaderboard_header(experiment: Experiment) -> str:
         f"positive class {info.positive_class}; {sizes}\n"
         f"Splits: {grouping}; {info.duplicate_images} exact-duplicate images kept together; "
         f"{info.skipped_images} images skipped; {info.dropped_images} dropped as conflicting\n"
-        f"Models: {models}. Ranked on val (Pareto front of COVID recall and macro AUC); "
+        f"Models: {models}. Ranked on val (Pareto front of COVID recall at the target "
+        "specificity and macro AUC); "
         "test is held out and reported only.\n"
         f"Test intervals: 95% stratified bootstrap, {resamples} resamples. Operating point: "
         f"COVID threshold chosen on val for specificity {target}, applied on test."
@@ -269,18 +289,6 @@ def held_out_metrics(
     test, val = predictions["test"], predictions["val"]
     metrics = classification_metrics(test.labels, test.probabilities, class_names, positive_index)
     columns = {f"test_{name}": metrics[name] for name in ("covid_recall", "macro_auc", "accuracy")}
-    intervals = metric_intervals(
-        test.labels,
-        test.probabilities,
-        class_names,
-        positive_index,
-        INTERVAL_METRICS,
-        resamples=resamples,
-        confidence=CONFIDENCE,
-        seed=BOOTSTRAP_SEED,
-    )
-    for name, (low, high) in intervals.items():
-        columns[f"test_{name}_low"], columns[f"test_{name}_high"] = low, high
     threshold = threshold_for_specificity(
         val.labels == positive_index, val.probabilities[:, positive_index], target_specificity
     )
@@ -290,6 +298,19 @@ def held_out_metrics(
     columns["threshold"] = threshold
     columns["test_covid_recall_at_threshold"] = recall
     columns["test_specificity_at_threshold"] = specificity
+    intervals = metric_intervals(
+        test.labels,
+        test.probabilities,
+        class_names,
+        positive_index,
+        INTERVAL_METRICS,
+        threshold=threshold,
+        resamples=resamples,
+        confidence=CONFIDENCE,
+        seed=BOOTSTRAP_SEED,
+    )
+    for name, (low, high) in intervals.items():
+        columns[f"test_{name}_low"], columns[f"test_{name}_high"] = low, high
     return columns
 
 
@@ -315,20 +336,29 @@ def ensemble_metrics(
         for split in ("val", "test")
     }
     info = experiment.dataset
+    target_specificity = float(
+        experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
+    )
     columns = held_out_metrics(
         averaged,
         info.class_names,
         info.positive_index,
-        target_specificity=float(
-            experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-        ),
+        target_specificity=target_specificity,
         resamples=int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)),
     )
     val = classification_metrics(
         averaged["val"].labels, averaged["val"].probabilities, info.class_names, info.positive_index
     )
     threshold = columns.pop("threshold")
-    metrics = {"val_covid_recall": val["covid_recall"], "val_macro_auc": val["macro_auc"]}
+    metrics = {
+        "val_covid_recall_at_spec": recall_at_specificity(
+            averaged["val"].labels == info.positive_index,
+            averaged["val"].probabilities[:, info.positive_index],
+            target_specificity,
+        ),
+        "val_covid_recall": val["covid_recall"],
+        "val_macro_auc": val["macro_auc"],
+    }
     return threshold, {**metrics, **columns}
 
 

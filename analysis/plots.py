@@ -63,12 +63,15 @@ def _empty(axes: Axes, message: str) -> None:
 
 
 def plot_pareto_front(points: pd.DataFrame) -> Figure:
-    """Val COVID recall against val macro AUC per trial, by family; the first front outlined."""
+    """Val COVID recall at the target specificity against val macro AUC per trial, by family.
+
+    The first front is outlined.
+    """
     figure = _figure(6.4, 4.6)
     axes = figure.add_subplot()
     for family, group in points.groupby("family", sort=False):
         axes.scatter(
-            group["val_covid_recall"],
+            group["val_covid_recall_at_spec"],
             group["val_macro_auc"],
             color=family_color(str(family)),
             label=str(family),
@@ -76,10 +79,10 @@ def plot_pareto_front(points: pd.DataFrame) -> Figure:
             alpha=0.8,
             zorder=2,
         )
-    front = points[points["pareto_optimal"]].sort_values("val_covid_recall")
+    front = points[points["pareto_optimal"]].sort_values("val_covid_recall_at_spec")
     if len(front):
         axes.step(
-            front["val_covid_recall"],
+            front["val_covid_recall_at_spec"],
             front["val_macro_auc"],
             where="post",
             color="0.2",
@@ -88,7 +91,7 @@ def plot_pareto_front(points: pd.DataFrame) -> Figure:
             zorder=1,
         )
         axes.scatter(
-            front["val_covid_recall"],
+            front["val_covid_recall_at_spec"],
             front["val_macro_auc"],
             s=130,
             facecolors="none",
@@ -100,12 +103,12 @@ def plot_pareto_front(points: pd.DataFrame) -> Figure:
         for row in front.itertuples():
             axes.annotate(
                 f"#{row.rank}",
-                (row.val_covid_recall, row.val_macro_auc),
+                (row.val_covid_recall_at_spec, row.val_macro_auc),
                 xytext=(6, 6),
                 textcoords="offset points",
                 fontsize=8,
             )
-    axes.set_xlabel("val COVID recall")
+    axes.set_xlabel("val COVID recall at the target specificity")
     axes.set_ylabel("val macro AUC")
     axes.set_xlim(-0.05, 1.05)
     axes.grid(alpha=0.3)
@@ -209,7 +212,7 @@ def plot_learning_curves(curves: pd.DataFrame, title: str) -> Figure:
 
 
 BAR_METRICS = (
-    ("val_covid_recall", "val COVID recall"),
+    ("val_covid_recall_at_spec", "val COVID recall at spec"),
     ("test_covid_recall", "test COVID recall"),
     ("val_macro_auc", "val macro AUC"),
     ("test_macro_auc", "test macro AUC"),
@@ -256,7 +259,7 @@ def plot_imbalance(points: pd.DataFrame, comparison: pd.DataFrame) -> Figure:
     figure = _figure(8.6, 3.6)
     panels = figure.subplots(1, 2)
     for axes, metric, label in (
-        (panels[0], "val_covid_recall", "val COVID recall"),
+        (panels[0], "val_covid_recall_at_spec", "val COVID recall at spec"),
         (panels[1], "val_macro_auc", "val macro AUC"),
     ):
         for position, strategy in enumerate(strategies):

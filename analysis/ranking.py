@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-# The default order: Pareto front over (val COVID recall, val macro AUC), then
-# val COVID recall, then val macro AUC; all "higher is better".
-DEFAULT_OBJECTIVES = ("val_covid_recall", "val_macro_auc")
+# The default order: Pareto front over (val COVID recall at the target specificity,
+# val macro AUC), then each of them in turn. Argmax COVID recall is no objective:
+# a model that calls everything COVID would win it.
+DEFAULT_OBJECTIVES = ("val_covid_recall_at_spec", "val_macro_auc")
 
 
 def pareto_front_rank(values: np.ndarray) -> np.ndarray:
@@ -44,13 +45,16 @@ def rank_trials(
 ) -> pd.DataFrame:
     """Sort trials by Pareto front, then each objective in turn (best first); add ``rank``.
 
+    Losses (names ending in ``loss``) are minimised, everything else maximised.
     ``trial_id`` breaks the remaining ties so the order is deterministic.
     """
     if table.empty:
         return table.assign(pareto_front=pd.Series(dtype=int), rank=pd.Series(dtype=int))
-    ranked = table.assign(pareto_front=pareto_front_rank(table[list(objectives)].to_numpy()))
+    signs = np.array([-1.0 if name.endswith("loss") else 1.0 for name in objectives])
+    values = table[list(objectives)].to_numpy(dtype=float) * signs
+    ranked = table.assign(pareto_front=pareto_front_rank(values))
     sort_keys = ["pareto_front", *objectives, "trial_id"]
-    ascending = [True] + [False] * len(objectives) + [True]
+    ascending = [True] + [bool(sign < 0) for sign in signs] + [True]
     ranked = ranked.sort_values(sort_keys, ascending=ascending, na_position="last", kind="stable")
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
     return ranked.reset_index(drop=True)

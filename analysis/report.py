@@ -37,6 +37,7 @@ from cxrtune.analysis.leaderboard import (
     format_number,
 )
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, pareto_front_rank
+from cxrtune.analysis.statistics import INTERVAL_METRICS
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ LEARNING_CURVE_METRICS = ("train_loss", "val_loss", "val_covid_recall", "val_mac
 DEFAULT_CPUS, DEFAULT_GPUS = 1.0, 0.0
 DEFAULT_MAX_EPOCHS = 10  # the sweep file's default, for experiments whose configs lack the key
 # The test metrics that carry a 95% bootstrap interval (``<name>_low``, ``<name>_high``).
-INTERVAL_COLUMNS = ("test_covid_recall", "test_macro_auc")
+INTERVAL_COLUMNS = tuple(f"test_{name}" for name in INTERVAL_METRICS)
 ALL_FAMILIES = "all families"
 MIN_TRIALS_FOR_IMPORTANCE = 2
 
@@ -301,7 +302,6 @@ def family_comparison(ranked: pd.DataFrame, families: Sequence[str] = FAMILIES) 
         *DEFAULT_OBJECTIVES,
         *_interval_columns(),
         "test_accuracy",
-        "test_covid_recall_at_threshold",
         "test_specificity_at_threshold",
     ]
     best = ranked.sort_values("rank").drop_duplicates("family").set_index("family")
@@ -319,17 +319,23 @@ def external_test_gap(comparison: pd.DataFrame) -> pd.DataFrame:
     falls inside it (if not, the drop is more than resampling noise).
     """
     rows = []
+    # (val column, test column, gap name): COVID recall at the operating point chosen on
+    # val, and macro AUC.
+    pairs = [
+        ("val_covid_recall_at_spec", "test_covid_recall_at_threshold", "covid_recall_gap"),
+        ("val_macro_auc", "test_macro_auc", "macro_auc_gap"),
+    ]
     for _, best in comparison.iterrows():
         row: dict[str, Any] = {"family": best["family"], "trial_id": best["trial_id"]}
         inside = []
-        for metric in ("covid_recall", "macro_auc"):
-            val, test = best[f"val_{metric}"], best[f"test_{metric}"]
-            low, high = best[f"test_{metric}_low"], best[f"test_{metric}_high"]
-            row[f"val_{metric}"] = val
-            row[f"test_{metric}"] = test
-            row[f"test_{metric}_low"] = low
-            row[f"test_{metric}_high"] = high
-            row[f"{metric}_gap"] = test - val
+        for val_column, test_column, gap in pairs:
+            val, test = best[val_column], best[test_column]
+            low, high = best[f"{test_column}_low"], best[f"{test_column}_high"]
+            row[val_column] = val
+            row[test_column] = test
+            row[f"{test_column}_low"] = low
+            row[f"{test_column}_high"] = high
+            row[gap] = test - val
             if not (pd.isna(val) or pd.isna(low)):
                 inside.append(bool(low <= val <= high))
         row["val_inside_test_interval"] = (
@@ -353,7 +359,6 @@ def ensemble_comparison(
         *_interval_columns(),
         "test_accuracy",
         "threshold",
-        "test_covid_recall_at_threshold",
         "test_specificity_at_threshold",
     ]
     ranked = leaderboard.ranked

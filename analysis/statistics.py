@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.stats import mannwhitneyu
-from sklearn.metrics import confusion_matrix, roc_curve
+from sklearn.metrics import confusion_matrix
+
+# One definition of the operating point for the per-epoch metric and the leaderboard.
+from cxrtune.trainables.metrics import threshold_for_specificity
 
 __all__ = [
     "bootstrap_distribution",
@@ -31,8 +34,8 @@ __all__ = [
     "threshold_for_specificity",
 ]
 
-# The metrics ``metric_intervals`` bootstraps.
-INTERVAL_METRICS = ("covid_recall", "macro_auc")
+# The metrics ``metric_intervals`` bootstraps; the last needs the operating point's threshold.
+INTERVAL_METRICS = ("covid_recall", "macro_auc", "covid_recall_at_threshold")
 # labels, probabilities -> a number, or one number per metric; NaN where undefined.
 Statistic = Callable[[np.ndarray, np.ndarray], float | Sequence[float]]
 
@@ -109,17 +112,19 @@ def metric_intervals(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     positive_index: int,
-    names: Sequence[str] = INTERVAL_METRICS,
+    names: Sequence[str] = ("covid_recall", "macro_auc"),
     *,
+    threshold: float = math.nan,
     resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """Stratified bootstrap intervals of ``covid_recall`` and ``macro_auc``, all resamples at once.
+    """Stratified bootstrap intervals of ``INTERVAL_METRICS``, all resamples at once.
 
     The metrics are those of ``classification_metrics`` (argmax recall of the
     positive class; the mean one-vs-rest AUC of the classes present, or with
-    two classes the positive class's binary AUC), computed
+    two classes the positive class's binary AUC) and the positive-class recall when it
+    is called at ``probability >= threshold`` (the operating point chosen on val), computed
     for every resample in one array operation: AUC is the Mann-Whitney U
     statistic over ``n_positive * n_negative``, which is what ``roc_auc_score``
     computes, ties counting half. The intervals equal ``stratified_bootstrap_ci``
@@ -146,6 +151,14 @@ def metric_intervals(
             if is_positive.any()
             else np.full(resamples, math.nan)
         )
+    if "covid_recall_at_threshold" in names:
+        is_positive = column_labels == positive_index
+        called = probabilities[:, positive_index][rows[:, is_positive]] >= threshold
+        values["covid_recall_at_threshold"] = (
+            called.mean(axis=1)
+            if is_positive.any() and not math.isnan(threshold)
+            else np.full(resamples, math.nan)
+        )
     if "macro_auc" in names:
         per_class = []
         scored = [positive_index] if len(class_names) == 2 else range(len(class_names))
@@ -162,33 +175,6 @@ def metric_intervals(
             np.mean(per_class, axis=0) if per_class else np.full(resamples, math.nan)
         )
     return {name: percentile_interval(values[name], confidence) for name in names}
-
-
-def threshold_for_specificity(
-    is_positive: np.ndarray, scores: np.ndarray, target_specificity: float
-) -> float:
-    """The lowest score threshold whose specificity on these labels is at least the target.
-
-    A sample is called positive when ``score >= threshold`` (scikit-learn's
-    ``roc_curve`` convention). If no finite threshold reaches the target the
-    answer is ``inf``: call nothing positive. Labels of one class only are a
-    ``ValueError``: specificity or sensitivity would be undefined.
-    """
-    is_positive = np.asarray(is_positive, dtype=bool)
-    positives = int(is_positive.sum())
-    negatives = len(is_positive) - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError(
-            "choosing a threshold needs both positive and negative labels, "
-            f"got {positives} positive(s) and {negatives} negative(s)"
-        )
-    # Every distinct score is a candidate: the default drop_intermediate would drop the
-    # inner points of a run of negatives, where the lowest threshold often lies.
-    false_positive_rate, _, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
-    # Thresholds fall and the false positive rate rises along the curve, so the
-    # thresholds that reach the target are a prefix and the lowest is its end.
-    reaches_target = 1.0 - false_positive_rate >= target_specificity
-    return float(thresholds[np.flatnonzero(reaches_target)[-1]])
 
 
 def recall_and_specificity_at(

@@ -34,6 +34,7 @@ from benchmarks import (  # noqa: F401
     memory_concurrent_trials,
     quickstart_wall_time,
     search_efficiency,
+    search_efficiency_real,
     trial_overhead,
 )
 from benchmarks._harness import (
@@ -52,6 +53,7 @@ SUITE = (
     "trial_overhead",
     "memory_concurrent_trials",
     "search_efficiency",
+    "search_efficiency_real",
     "quickstart_wall_time",
     "gpu_throughput",
 )

@@ -43,6 +43,7 @@ from cxrtune.trainables.data import (
     find_positive_class,
     ingest,
 )
+from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY
 from cxrtune.trainables.splits import (
     SPLITS,
     SplitIndices,
@@ -69,8 +70,11 @@ class PreparedData:
     info: DatasetInfo
     report: IngestReport
 
-    def trial_data(self) -> TrialData:
-        """Train and val arrays for the trials; the test split stays on the driver."""
+    def trial_data(self, target_specificity: float = DEFAULT_TARGET_SPECIFICITY) -> TrialData:
+        """Train and val arrays for the trials; the test split stays on the driver.
+
+        ``target_specificity`` sets the operating point of ``val_covid_recall_at_spec``.
+        """
         return TrialData(
             train_images=self.dataset.images[self.splits.train],
             train_labels=self.dataset.labels[self.splits.train],
@@ -78,6 +82,7 @@ class PreparedData:
             val_labels=self.dataset.labels[self.splits.val],
             class_names=self.dataset.class_names,
             positive_index=self.info.positive_index,
+            target_specificity=target_specificity,
         )
 
 
@@ -314,7 +319,7 @@ def run_sweep(
     progress = SweepProgress(config.num_samples, config.max_epochs)
     tuner = build_tuner(
         config,
-        prepared.trial_data(),
+        prepared.trial_data(config.target_specificity),
         experiment_name=experiment_name,
         storage_path=(
             config.storage_path if is_remote(experiment_dir) else str(Path(experiment_dir).parent)
@@ -406,7 +411,9 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     start_ray(address)
     tuner = tune.Tuner.restore(
         str(directory),
-        trainable=build_trainable(config, prepared.trial_data(), pretrained),
+        trainable=build_trainable(
+            config, prepared.trial_data(config.target_specificity), pretrained
+        ),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,

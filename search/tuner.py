@@ -1,4 +1,4 @@
-"""Build the Ray Tune ``Tuner`` for a sweep: Optuna search, ASHA, resources, storage.
+"""Build the Ray Tune ``Tuner`` for a sweep: the Optuna searcher, ASHA, resources, storage.
 
 Everything here is wiring; the space comes from ``cxrtune.spaces`` and the
 training from ``cxrtune.trainables``. What the sweep leaves for other tools:
@@ -19,15 +19,15 @@ from ray import tune
 from ray.tune import PlacementGroupFactory
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
 from cxrtune.analysis.mlflow_export import credentials_to_environment
 from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, is_remote
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
+from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
+from cxrtune.search.searcher import StudySearcher, metric_mode
 from cxrtune.spaces import get_space
-from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 from cxrtune.trainables.models import StateDict
 from cxrtune.trainables.trainable import TrialData, WorkerResources, train_trial
 
@@ -36,18 +36,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The Optuna user attribute holding the Ray trial id, the name the trial folders,
-# the leaderboard and MLflow use.
-RAY_TRIAL_ID_ATTR = "ray_trial_id"
 # The Optuna study attribute holding the experiment dir the sweep started in. Ray's
 # snapshot (new trials' storage) and the searcher state (the journal) hold that path, so
 # a sweep resumes only there.
 EXPERIMENT_DIR_ATTR = "experiment_dir"
-
-
-def metric_mode(metric: str) -> str:
-    """``"min"`` for losses, ``"max"`` for everything else a trial reports."""
-    return "min" if metric.endswith("loss") else "max"
 
 
 @dataclass(frozen=True)
@@ -129,81 +121,6 @@ def trial_space(config: SweepConfig, vgg16_weights: str) -> TrialSpace:
     )
 
 
-class TrialIdOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that records the Ray trial id on each Optuna trial it asks for.
-
-    Restored after its driver died, it takes the study in the journal as the truth.
-    The journal is written at once, while Ray snapshots the searcher with the trial
-    list only every few seconds, so the journal may be ahead of the snapshot: an
-    Optuna trial asked for by a Ray trial the snapshot lacks is handed to the next
-    new Ray trial (same parameters, nothing sampled twice), and a trial told after
-    the snapshot is not told again. An Optuna trial that was asked for and finished
-    after the snapshot (within seconds: a trial erroring at once) stays in the
-    journal, and Ray runs a trial in its place.
-    """
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        import optuna
-
-        unclaimed: list[int] = getattr(self, "_unclaimed_trials", [])
-        if trial_id not in self._ot_trials and unclaimed:
-            self._ot_trials[trial_id] = optuna.Trial(self._study, unclaimed.pop(0))
-        config: dict[str, Any] | None = super().suggest(trial_id)
-        # OptunaSearch keeps the Optuna trial it asked for, by Ray trial id, in `_ot_trials`.
-        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
-        return config
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
-    ) -> None:
-        if trial_id in self._completed_trials:
-            return  # told before the driver died; Ray reran its last epochs after the snapshot
-        if result and TRIAL_ERROR_KEY in result:
-            # A trial that failed on its own ended itself with its error: a failed
-            # Optuna trial, not a pruned or complete one.
-            result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        if self._storage is not None:  # an in-memory study: the snapshot is all there is
-            self._reconcile_with_study()
-
-    @property
-    def _study(self) -> optuna.Study:
-        """The Optuna study (``OptunaSearch`` types it as possibly unset)."""
-        assert self._ot_study is not None, "the searcher has no study yet"
-        study: optuna.Study = self._ot_study
-        return study
-
-    def _reconcile_with_study(self) -> None:
-        import optuna
-
-        # Ray trial id -> Optuna trial, as Ray snapshotted them; their study, unpickled
-        # from the snapshot, has read the whole journal.
-        snapshot = self._ot_trials
-        in_study: dict[str, optuna.trial.FrozenTrial] = {}
-        unclaimed = []
-        asked_after_snapshot = False
-        for frozen in self._study.get_trials(deepcopy=False):
-            ray_trial_id = frozen.user_attrs.get(RAY_TRIAL_ID_ATTR)
-            if isinstance(ray_trial_id, str) and ray_trial_id in snapshot:
-                in_study[ray_trial_id] = frozen
-            elif frozen.state != optuna.trial.TrialState.WAITING:
-                asked_after_snapshot = True
-                if frozen.state == optuna.trial.TrialState.RUNNING:
-                    unclaimed.append(frozen._trial_id)
-        if asked_after_snapshot:
-            # The sampler's random state is the snapshot's: left as it is, it would draw
-            # again the parameters it drew for the trials asked for since. The sweep stays
-            # seeded up to the resume, not after it.
-            self._study.sampler.reseed_rng()
-        self._completed_trials = set(self._completed_trials) | {
-            ray_trial_id for ray_trial_id, frozen in in_study.items() if frozen.state.is_finished()
-        }
-        self._unclaimed_trials = unclaimed
-
-
 def journal_storage(path: Path) -> optuna.storages.JournalStorage:
     """The Optuna journal file at ``path`` (created if missing), as a storage.
 
@@ -217,9 +134,27 @@ def journal_storage(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def build_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
+    """The sweep's seeded sampler, with the TPE settings the search benchmark chose."""
+    import optuna
+
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed)
+    with warnings.catch_warnings():
+        # multivariate, group and constant_liar are marked experimental.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=config.seed,
+            multivariate=config.tpe_multivariate,
+            group=config.tpe_group,
+            constant_liar=config.tpe_constant_liar,
+            n_startup_trials=config.tpe_startup_trials,
+        )
+
+
 def build_searcher(
     config: SweepConfig, vgg16_weights: str, journal: Path | None = None
-) -> TrialIdOptunaSearch:
+) -> StudySearcher:
     """Seeded Optuna search over the sweep's space, one or two objectives.
 
     With ``journal``, the study is kept in that Optuna journal file as study
@@ -228,48 +163,35 @@ def build_searcher(
     """
     import optuna
 
-    space = trial_space(config, vgg16_weights)
-    if config.sampler == "nsga2":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(seed=config.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=config.seed)
-    modes = [metric_mode(metric) for metric in config.objectives]
-    # Enqueued trials fix only the family; Optuna samples the rest as usual.
-    first_points = (
-        [{"family": family} for family in config.families] if config.try_each_family_first else None
+    storage: optuna.storages.BaseStorage = (
+        journal_storage(journal) if journal is not None else optuna.storages.InMemoryStorage()
     )
-    storage = None
-    if journal is not None:
-        storage = journal_storage(journal)
-        # Created here rather than by OptunaSearch (which then loads it) to name the
-        # objectives: optuna-dashboard labels its plots with them.
-        study = optuna.create_study(
-            storage=storage,
-            study_name=OPTUNA_STUDY_NAME,
-            directions=["minimize" if mode == "min" else "maximize" for mode in modes],
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(config.objectives))
-        study.set_user_attr(EXPERIMENT_DIR_ATTR, str(journal.resolve().parent))
-    if len(config.objectives) == 1:
-        return TrialIdOptunaSearch(
-            space=space,
-            metric=config.objectives[0],
-            mode=modes[0],
-            sampler=sampler,
-            points_to_evaluate=first_points,
-            storage=storage,
-            study_name=OPTUNA_STUDY_NAME,
-        )
-    return TrialIdOptunaSearch(
-        space=space,
-        metric=list(config.objectives),
-        mode=modes,
-        sampler=sampler,
-        points_to_evaluate=first_points,
+    study = optuna.create_study(
         storage=storage,
         study_name=OPTUNA_STUDY_NAME,
+        sampler=build_sampler(config),
+        directions=[
+            "minimize" if metric_mode(metric) == "min" else "maximize"
+            for metric in config.objectives
+        ],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # optuna-dashboard labels its plots with them.
+        study.set_metric_names(list(config.objectives))
+    if journal is not None:
+        study.set_user_attr(EXPERIMENT_DIR_ATTR, str(journal.resolve().parent))
+    if config.try_each_family_first:
+        # Enqueued trials fix only the family; Optuna samples the rest as usual.
+        for family in config.families:
+            study.enqueue_trial({"family": family})
+    return StudySearcher(
+        space=trial_space(config, vgg16_weights),
+        study=study,
+        storage=storage,
+        objectives=config.objectives,
+        best_epoch_metric=config.scheduler_metric,
+        stopped_trials=config.stopped_trials,
     )
 
 

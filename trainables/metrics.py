@@ -4,6 +4,10 @@
 a class absent from ``labels`` are undefined and come out as NaN; the macro AUC
 then averages the classes that are present (scikit-learn would refuse). With
 two classes the macro AUC is the binary AUC of the positive class's scores.
+
+``covid_recall_at_spec`` is the positive-class recall at the lowest probability
+threshold whose specificity reaches ``target_specificity``: an operating point a
+model that calls everything COVID cannot win, unlike the argmax recall.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+DEFAULT_TARGET_SPECIFICITY = 0.95
 
 
 def metric_safe_name(class_name: str) -> str:
@@ -26,11 +38,13 @@ def classification_metrics(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     positive_index: int,
+    target_specificity: float = DEFAULT_TARGET_SPECIFICITY,
 ) -> dict[str, float]:
     """Accuracy, positive-class recall and precision, macro and per-class one-vs-rest AUC.
 
     ``probabilities`` is ``N x C`` with rows summing to 1. Predictions are the
-    argmax; a class never predicted has precision 0 (not an error).
+    argmax; a class never predicted has precision 0 (not an error). Recall at
+    ``target_specificity`` is NaN when the labels hold one side only.
     """
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -53,6 +67,9 @@ def classification_metrics(
             )
         ),
     }
+    metrics["covid_recall_at_spec"] = recall_at_specificity(
+        labels == positive_index, probabilities[:, positive_index], target_specificity
+    )
     per_class_auc = one_vs_rest_auc(labels, probabilities)
     metrics["macro_auc"] = macro_auc(per_class_auc, positive_index)
     for name, auc in zip(class_names, per_class_auc, strict=True):
@@ -90,3 +107,41 @@ def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray) -> list[float
         else:
             aucs.append(float(roc_auc_score(is_class, probabilities[:, index])))
     return aucs
+
+
+def threshold_for_specificity(
+    is_positive: np.ndarray, scores: np.ndarray, target_specificity: float
+) -> float:
+    """The lowest score threshold whose specificity on these labels is at least the target.
+
+    A sample is called positive when ``score >= threshold`` (scikit-learn's
+    ``roc_curve`` convention). If no finite threshold reaches the target the
+    answer is ``inf``: call nothing positive. Labels of one class only are a
+    ``ValueError``: specificity or sensitivity would be undefined.
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    positives = int(is_positive.sum())
+    negatives = len(is_positive) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError(
+            "choosing a threshold needs both positive and negative labels, "
+            f"got {positives} positive(s) and {negatives} negative(s)"
+        )
+    # Every distinct score is a candidate: the default drop_intermediate would drop the
+    # inner points of a run of negatives, where the lowest threshold often lies.
+    false_positive_rate, _, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
+    # Thresholds fall and the false positive rate rises along the curve, so the
+    # thresholds that reach the target are a prefix and the lowest is its end.
+    reaches_target = 1.0 - false_positive_rate >= target_specificity
+    return float(thresholds[np.flatnonzero(reaches_target)[-1]])
+
+
+def recall_at_specificity(
+    is_positive: np.ndarray, scores: np.ndarray, target_specificity: float
+) -> float:
+    """Recall at ``threshold_for_specificity``'s threshold; NaN when a side is missing."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    if is_positive.all() or not is_positive.any():
+        return math.nan
+    threshold = threshold_for_specificity(is_positive, scores, target_specificity)
+    return float((np.asarray(scores)[is_positive] >= threshold).mean())

@@ -41,7 +41,7 @@ from cxrtune.trainables.engine import (
     train_one_epoch,
 )
 from cxrtune.trainables.failures import own_failures_end_the_trial
-from cxrtune.trainables.metrics import classification_metrics
+from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY, classification_metrics
 from cxrtune.trainables.models import StateDict, create_model
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class TrialData:
     val_labels: np.ndarray
     class_names: tuple[str, ...]
     positive_index: int
+    target_specificity: float = DEFAULT_TARGET_SPECIFICITY  # for val_covid_recall_at_spec
 
     @property
     def image_size(self) -> int:
@@ -222,7 +223,11 @@ def epoch_metrics(
     """Evaluate on val and build the flat, split-prefixed dict an epoch reports."""
     val_loss, probabilities = evaluate(model, val_images, val_labels, precision=precision)
     scores = classification_metrics(
-        data.val_labels, probabilities, data.class_names, data.positive_index
+        data.val_labels,
+        probabilities,
+        data.class_names,
+        data.positive_index,
+        target_specificity=data.target_specificity,
     )
     return {
         "epoch": epoch,

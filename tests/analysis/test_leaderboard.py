@@ -103,6 +103,7 @@ def make_experiment(root: Path) -> Path:
                     "trial_id": trial_id,
                     "epoch": epoch,
                     "val_covid_recall": recall,
+                    "val_covid_recall_at_spec": recall * 0.8,
                     "val_macro_auc": auc,
                     "checkpoint_dir_name": name,
                 }
@@ -144,7 +145,28 @@ def test_trials_rank_on_the_validation_metrics_of_their_best_epoch(
     assert ranked["best_epoch"].tolist() == [2, 2, 1]
     assert ranked["epochs"].tolist() == [3, 2, 1]
     assert ranked.loc[0, "val_covid_recall"] == 0.75
+    assert ranked.loc[0, "val_covid_recall_at_spec"] == pytest.approx(0.6)
     assert not ranked["pretrained"].any()
+
+
+def test_trials_rank_by_the_sweeps_own_objectives(tmp_path: Path) -> None:
+    """Issue item 1: the leaderboard ranks by the sweep file's ``objectives``.
+
+    Single-objective on val_macro_auc, t2 (0.90) comes before t1 (0.80), though t1
+    leads on both recall columns.
+    """
+    experiment = make_experiment(tmp_path)
+    with (experiment / "sweep.yaml").open("a") as sweep:
+        sweep.write("objectives: [val_macro_auc]\n")
+    ranked = build_leaderboard(read_experiment(experiment), evaluate_test=False).ranked
+    assert ranked["trial_id"].tolist() == ["t2", "t1", "t3"]
+    assert list(ranked.columns) == list(COLUMNS)
+
+    with (experiment / "sweep.yaml").open("a") as sweep:
+        sweep.write("objectives: [val_accuracy]\n")
+    ranked = build_leaderboard(read_experiment(experiment), evaluate_test=False).ranked
+    assert list(ranked.columns) == [*COLUMNS, "val_accuracy"]
+    assert ranked["val_accuracy"].isna().all()  # never reported by these trials
 
 
 def test_the_test_columns_follow_the_existing_columns_in_their_order() -> None:
@@ -159,6 +181,8 @@ def test_the_test_columns_follow_the_existing_columns_in_their_order() -> None:
         "threshold",
         "test_covid_recall_at_threshold",
         "test_specificity_at_threshold",
+        "test_covid_recall_at_threshold_low",
+        "test_covid_recall_at_threshold_high",
     )
 
 

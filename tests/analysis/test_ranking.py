@@ -22,14 +22,14 @@ def test_nan_counts_as_worst() -> None:
     assert pareto_front_rank(np.array([[math.nan, 0.1], [0.1, 0.1]])).tolist() == [2, 1]
 
 
-def test_trials_rank_by_front_then_covid_recall_then_macro_auc() -> None:
+def test_trials_rank_by_front_then_recall_at_spec_then_macro_auc() -> None:
     table = pd.DataFrame(
         [
-            {"trial_id": "a", "val_covid_recall": 0.60, "val_macro_auc": 0.99},
-            {"trial_id": "b", "val_covid_recall": 0.95, "val_macro_auc": 0.80},
-            {"trial_id": "c", "val_covid_recall": 0.50, "val_macro_auc": 0.70},
-            {"trial_id": "d", "val_covid_recall": 0.80, "val_macro_auc": 0.90},
-            {"trial_id": "e", "val_covid_recall": 0.80, "val_macro_auc": 0.85},
+            {"trial_id": "a", "val_covid_recall_at_spec": 0.60, "val_macro_auc": 0.99},
+            {"trial_id": "b", "val_covid_recall_at_spec": 0.95, "val_macro_auc": 0.80},
+            {"trial_id": "c", "val_covid_recall_at_spec": 0.50, "val_macro_auc": 0.70},
+            {"trial_id": "d", "val_covid_recall_at_spec": 0.80, "val_macro_auc": 0.90},
+            {"trial_id": "e", "val_covid_recall_at_spec": 0.80, "val_macro_auc": 0.85},
         ]
     )
     ranked = rank_trials(table)
@@ -42,13 +42,46 @@ def test_trials_rank_by_front_then_covid_recall_then_macro_auc() -> None:
 def test_exact_ties_break_by_trial_id() -> None:
     table = pd.DataFrame(
         [
-            {"trial_id": "z", "val_covid_recall": 0.5, "val_macro_auc": 0.5},
-            {"trial_id": "y", "val_covid_recall": 0.5, "val_macro_auc": 0.5},
+            {"trial_id": "z", "val_covid_recall_at_spec": 0.5, "val_macro_auc": 0.5},
+            {"trial_id": "y", "val_covid_recall_at_spec": 0.5, "val_macro_auc": 0.5},
         ]
     )
     assert rank_trials(table)["trial_id"].tolist() == ["y", "z"]
 
 
 def test_an_empty_table_ranks_to_an_empty_table() -> None:
-    empty = pd.DataFrame(columns=["trial_id", "val_covid_recall", "val_macro_auc"])
+    empty = pd.DataFrame(columns=["trial_id", "val_covid_recall_at_spec", "val_macro_auc"])
     assert rank_trials(empty).empty
+
+
+def test_argmax_recall_is_no_objective_by_default() -> None:
+    """Issue item 1: calling everything COVID (argmax recall 1.0) does not rank first."""
+    table = pd.DataFrame(
+        [
+            {
+                "trial_id": "all",
+                "val_covid_recall": 1.0,
+                "val_covid_recall_at_spec": 0.1,
+                "val_macro_auc": 0.80,
+            },
+            {
+                "trial_id": "good",
+                "val_covid_recall": 0.7,
+                "val_covid_recall_at_spec": 0.6,
+                "val_macro_auc": 0.90,
+            },
+        ]
+    )
+    assert rank_trials(table)["trial_id"].tolist() == ["good", "all"]
+
+
+def test_a_loss_objective_is_minimised() -> None:
+    table = pd.DataFrame(
+        [
+            {"trial_id": "a", "val_loss": 0.9, "val_macro_auc": 0.9},
+            {"trial_id": "b", "val_loss": 0.2, "val_macro_auc": 0.9},
+        ]
+    )
+    ranked = rank_trials(table, ["val_loss", "val_macro_auc"])
+    assert ranked["trial_id"].tolist() == ["b", "a"]
+    assert ranked["pareto_front"].tolist() == [1, 2]

@@ -131,18 +131,18 @@ def ranked_table(rows: list[tuple[str, str, str, float, float, float]]) -> pd.Da
             "trial_id",
             "family",
             "imbalance",
-            "val_covid_recall",
+            "val_covid_recall_at_spec",
             "val_macro_auc",
             "test_macro_auc",
         ],
     )
     table.insert(0, "rank", range(1, len(rows) + 1))
-    table["test_covid_recall"] = table["val_covid_recall"] - 0.1
-    for column in ("test_covid_recall", "test_macro_auc"):
+    table["test_covid_recall"] = 0.5
+    table["test_covid_recall_at_threshold"] = table["val_covid_recall_at_spec"] - 0.1
+    for column in ("test_covid_recall", "test_macro_auc", "test_covid_recall_at_threshold"):
         table[f"{column}_low"] = table[column] - 0.05
         table[f"{column}_high"] = table[column] + 0.05
-    for column in ("test_accuracy", "test_covid_recall_at_threshold"):
-        table[column] = 0.5
+    table["test_accuracy"] = 0.5
     table["test_specificity_at_threshold"] = 0.95
     return table
 
@@ -301,15 +301,15 @@ def test_family_summary_counts_trials_and_charges_hours_at_each_family_s_resourc
     assert summary.index.tolist() == ["baseline_cnn", "regularized_cnn", "vgg16"]
     baseline = summary.loc["baseline_cnn"]
     assert (baseline["trials"], baseline["failed"], baseline["stopped_early"]) == (2, 0, 1)
-    assert baseline["best_val_covid_recall"] == 0.8
-    assert baseline["median_val_covid_recall"] == pytest.approx(0.6)
+    assert baseline["best_val_covid_recall_at_spec"] == 0.8
+    assert baseline["median_val_covid_recall_at_spec"] == pytest.approx(0.6)
     assert baseline["best_val_macro_auc"] == 0.9
     assert baseline["median_val_macro_auc"] == pytest.approx(0.8)
     assert (baseline["cpu_hours"], baseline["gpu_hours"]) == (3.0, 0.0)  # 1.5 h x 2 CPUs
     vgg16 = summary.loc["vgg16"]
     assert (vgg16["trials"], vgg16["failed"], vgg16["stopped_early"]) == (1, 1, 0)
     assert (vgg16["cpu_hours"], vgg16["gpu_hours"]) == (2.0, 0.25)
-    assert math.isnan(vgg16["best_val_covid_recall"])
+    assert math.isnan(vgg16["best_val_covid_recall_at_spec"])
     assert summary.loc["regularized_cnn", "trials"] == 0
 
 
@@ -340,12 +340,16 @@ def test_the_external_test_gap_is_test_minus_val_per_family_with_the_test_interv
     assert gap.loc["baseline_cnn", "macro_auc_gap"] == pytest.approx(-0.2)
     assert gap.loc["baseline_cnn", "covid_recall_gap"] == pytest.approx(-0.1)
     assert gap.loc["baseline_cnn", "test_macro_auc_low"] == pytest.approx(0.65)
-    # val 0.9 lies outside test's [0.65, 0.75]; r1's val 0.8 is inside [0.73, 0.83] for AUC
-    # but its recall 0.8 is outside [0.65, 0.75].
+    # Recall is compared at the operating point: val recall at spec against test recall at
+    # the val-chosen threshold. val 0.9 lies outside test's [0.65, 0.75]; r1's val 0.8 is
+    # inside [0.73, 0.83] for AUC but its recall 0.8 is outside [0.65, 0.75].
     assert gap.loc["baseline_cnn", "val_inside_test_interval"] == "no"
     assert pd.isna(gap.loc["vgg16", "val_inside_test_interval"])
-    ranked.loc[1, "test_covid_recall"] = 0.8
-    ranked.loc[1, ["test_covid_recall_low", "test_covid_recall_high"]] = (0.7, 0.85)
+    ranked.loc[1, "test_covid_recall_at_threshold"] = 0.8
+    ranked.loc[1, ["test_covid_recall_at_threshold_low", "test_covid_recall_at_threshold_high"]] = (
+        0.7,
+        0.85,
+    )
     gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
     assert gap.loc["regularized_cnn", "val_inside_test_interval"] == "yes"
 
@@ -363,8 +367,8 @@ def test_imbalance_strategies_show_the_best_and_median_of_their_trials() -> None
     assert strategies.index.tolist() == ["none", "oversample", "class_weight"]
     oversample = strategies.loc["oversample"]
     assert (oversample["trials"], oversample["best_trial"]) == (3, "o1")
-    assert oversample["best_val_covid_recall"] == 0.9
-    assert oversample["median_val_covid_recall"] == 0.5
+    assert oversample["best_val_covid_recall_at_spec"] == 0.9
+    assert oversample["median_val_covid_recall_at_spec"] == 0.5
     assert oversample["best_test_macro_auc"] == 0.85
     assert oversample["median_test_macro_auc"] == 0.75
     assert strategies.loc["none", "trials"] == 0
@@ -380,7 +384,8 @@ def in_memory_study(trials: list[optuna.trial.FrozenTrial]) -> optuna.Study:
 def test_importance_puts_first_the_parameter_that_decides_an_objective() -> None:
     importance = report.parameter_importance(in_memory_study(search_trials()))
     recall = importance[
-        (importance["scope"] == "all families") & (importance["objective"] == "val_covid_recall")
+        (importance["scope"] == "all families")
+        & (importance["objective"] == "val_covid_recall_at_spec")
     ]
     assert recall["parameter"].iloc[0] == "imbalance"
     assert recall["importance"].sum() == pytest.approx(1.0)
@@ -408,7 +413,7 @@ def test_slices_list_each_parameter_a_trial_sampled_with_its_objective_values() 
     assert first.loc["imbalance", "value"] == "oversample"
     assert first.loc["imbalance", "position"] == 1  # oversample among none, oversample, ...
     assert math.isnan(first.loc["lr", "position"]) and first.loc["lr", "log_scale"]
-    assert (first["val_covid_recall"] == 0.8).all() and (first["family"] == "vgg16").all()
+    assert (first["val_covid_recall_at_spec"] == 0.8).all() and (first["family"] == "vgg16").all()
 
 
 def test_the_study_is_read_from_the_experiment_journal_without_creating_one(

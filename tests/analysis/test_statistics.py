@@ -122,6 +122,39 @@ def test_metric_intervals_equal_one_bootstrap_per_metric(classes: int, positive_
     assert all(low < high for low, high in intervals.values())
 
 
+def test_the_recall_at_the_val_chosen_threshold_gets_its_own_interval() -> None:
+    """The operating point's recall, threshold held fixed, bootstrapped like the others."""
+    rng = np.random.default_rng(8)
+    labels = np.repeat([0, 1, 2], [8, 14, 14])
+    probabilities = rng.dirichlet(np.ones(3), size=len(labels)) + 0.3 * np.eye(3)[labels]
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    threshold = 0.4
+    intervals = metric_intervals(
+        labels,
+        probabilities,
+        ("A", "B", "C"),
+        0,
+        ("covid_recall_at_threshold",),
+        threshold=threshold,
+        resamples=100,
+        seed=3,
+    )
+    alone = stratified_bootstrap_ci(
+        labels,
+        probabilities,
+        lambda y, p: recall_and_specificity_at(y == 0, p[:, 0], threshold)[0],
+        resamples=100,
+        seed=3,
+    )
+    assert intervals["covid_recall_at_threshold"] == pytest.approx(alone, abs=1e-12)
+    low, high = alone
+    assert low < high
+    no_threshold = metric_intervals(
+        labels, probabilities, ("A", "B", "C"), 0, ("covid_recall_at_threshold",), resamples=10
+    )
+    assert all(math.isnan(bound) for bound in no_threshold["covid_recall_at_threshold"])
+
+
 @pytest.mark.parametrize(("target", "expected"), [(0.8, 0.80), (0.85, 0.95), (0.5, 0.55)])
 def test_the_threshold_is_the_lowest_score_reaching_the_target_specificity(
     target: float, expected: float

@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_no_file_gives_the_documented_defaults() -> None:
     config = load_sweep_config(None)
     assert config == SweepConfig()
-    assert config.objectives == ["val_covid_recall", "val_macro_auc"]
+    assert config.objectives == ["val_covid_recall_at_spec", "val_macro_auc"]
     assert config.scheduler_metric == "val_macro_auc"
     assert set(config.resources) == {"baseline_cnn", "regularized_cnn", "vgg16"}
 

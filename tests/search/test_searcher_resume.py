@@ -12,7 +12,7 @@ from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
 from cxrtune.search.config import load_sweep_config
 from cxrtune.search.tuner import RAY_TRIAL_ID_ATTR, build_searcher, journal_storage
 
-RESULT = {"val_covid_recall": 0.5, "val_macro_auc": 0.75}
+RESULT = {"val_covid_recall_at_spec": 0.5, "val_macro_auc": 0.75}
 
 
 def journal_trials(journal: Path) -> list[optuna.trial.FrozenTrial]:

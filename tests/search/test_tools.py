@@ -33,23 +33,23 @@ from cxrtune.search.config import SweepConfigError, load_sweep_config
 from cxrtune.search.sweep import run_sweep
 from cxrtune.search.tuner import (
     RAY_TRIAL_ID_ATTR,
-    TrialIdOptunaSearch,
+    StudySearcher,
     build_searcher,
     journal_storage,
     mlflow_callback,
 )
 
-OBJECTIVES = ["val_covid_recall", "val_macro_auc"]
+OBJECTIVES = ["val_covid_recall_at_spec", "val_macro_auc"]
 
 
 def open_study(journal: Path) -> optuna.Study:
     return optuna.load_study(study_name=OPTUNA_STUDY_NAME, storage=journal_storage(journal))
 
 
-def finish(searcher: TrialIdOptunaSearch, trial_id: str, recall: float, auc: float) -> None:
+def finish(searcher: StudySearcher, trial_id: str, recall: float, auc: float) -> None:
     searcher.suggest(trial_id)
     searcher.on_trial_complete(
-        trial_id, result={"val_covid_recall": recall, "val_macro_auc": auc, "epoch": 1}
+        trial_id, result={"val_covid_recall_at_spec": recall, "val_macro_auc": auc, "epoch": 1}
     )
 
 

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
-from cxrtune.trainables.metrics import classification_metrics, metric_safe_name
+from cxrtune.trainables.metrics import (
+    classification_metrics,
+    metric_safe_name,
+    threshold_for_specificity,
+)
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
@@ -106,3 +110,50 @@ def test_macro_auc_is_scikit_learns_for_two_three_and_four_classes(classes: int)
         expected = roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
     assert metrics["macro_auc"] == pytest.approx(expected)
     assert sum(key.startswith("auc_") for key in metrics) == classes
+
+
+def covid_scores_as_probabilities(covid_scores: np.ndarray) -> np.ndarray:
+    """Rows with ``covid_scores`` as COVID's probability, the rest shared by the other classes."""
+    rest = (1.0 - covid_scores[:, None]) / 3.0
+    return np.hstack([covid_scores[:, None], np.repeat(rest, 3, axis=1)])
+
+
+def test_recall_at_spec_matches_a_hand_computed_roc() -> None:
+    """Issue item 1, an objective that cannot be gamed: val_covid_recall_at_spec by hand.
+
+    Ten non-COVID images score 0.05, 0.15, ..., 0.95 for COVID; four COVID images
+    score 0.30, 0.60, 0.90 and 0.97. Specificity 0.8 allows 2 of the 10 negatives at
+    or above the threshold: at 0.85 those are 0.85 and 0.95 (specificity 0.8); the next
+    lower score, 0.75, lets a third through (0.7). So the threshold is 0.85, and COVID
+    images at or above it are 0.90 and 0.97: recall 2/4.
+    """
+    negatives = np.round(np.arange(0.05, 1.0, 0.1), 2)
+    covid_scores = np.concatenate([negatives, [0.30, 0.60, 0.90, 0.97]])
+    labels = np.concatenate([np.tile([1, 2, 3], 4)[:10], np.zeros(4, dtype=int)])
+    probabilities = covid_scores_as_probabilities(covid_scores)
+
+    assert threshold_for_specificity(labels == 0, covid_scores, 0.8) == pytest.approx(0.85)
+    metrics = classification_metrics(
+        labels, probabilities, CLASSES, positive_index=0, target_specificity=0.8
+    )
+    assert metrics["covid_recall_at_spec"] == pytest.approx(0.5)
+    # The default operating point, specificity 0.95, lets no negative through: only
+    # 0.97 is above the highest negative, 0.95.
+    default = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert default["covid_recall_at_spec"] == pytest.approx(0.25)
+
+
+def test_calling_everything_covid_wins_argmax_recall_but_not_recall_at_spec() -> None:
+    """Issue item 1: the model that calls every image COVID scores 0 at the operating point."""
+    labels = np.array([0, 0, 1, 2, 3, 1, 2, 3])
+    probabilities = covid_scores_as_probabilities(np.full(len(labels), 0.9))
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert metrics["covid_recall"] == 1.0
+    assert metrics["covid_recall_at_spec"] == 0.0
+
+
+def test_recall_at_spec_is_nan_without_covid_images() -> None:
+    labels = np.array([1, 2, 3, 1])
+    probabilities = covid_scores_as_probabilities(np.array([0.1, 0.2, 0.3, 0.4]))
+    metrics = classification_metrics(labels, probabilities, CLASSES, positive_index=0)
+    assert math.isnan(metrics["covid_recall_at_spec"])

@@ -40,6 +40,7 @@ TRIAL_METRIC_KEYS = {
     "val_loss",
     "val_accuracy",
     "val_covid_recall",
+    "val_covid_recall_at_spec",
     "val_covid_precision",
     "val_macro_auc",
     "val_auc_covid",

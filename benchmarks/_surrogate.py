@@ -1,0 +1,137 @@
+"""A surrogate of the recorded learning curves: (config, epoch) -> validation metrics.
+
+Fitted with scikit-learn on ``benchmarks/data/curves.csv.gz`` (see
+``record_curves``): one gradient-boosted regressor per metric on the config's
+hyperparameters (learning rate and weight decay on a log scale, the family and
+imbalance strategy one-hot) and the epoch. ``Surrogate.curve`` draws a trial's
+whole curve: the model's prediction plus one offset per trial at the seed
+spread measured on the configs recorded with several seeds (a seed shifts a
+whole curve more than it jitters single epochs), clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.record_curves import MAX_EPOCHS, TABLE
+
+TARGETS = ("val_covid_recall_at_spec", "val_macro_auc")
+FAMILIES = ("baseline_cnn", "regularized_cnn", "vgg16")
+IMBALANCE = ("none", "oversample", "class_weight")
+FEATURES = (
+    *(f"family_{name}" for name in FAMILIES),
+    *(f"imbalance_{name}" for name in IMBALANCE),
+    "log_lr",
+    "log_batch_size",
+    "dropout",
+    "log_weight_decay",
+    "augment_strength",
+    "finetune_blocks",
+    "epoch",
+)
+
+
+def features(rows: pd.DataFrame) -> np.ndarray:
+    """The model's inputs, one row per (config, epoch) row of ``rows``."""
+    columns = {f"family_{name}": rows["family"] == name for name in FAMILIES}
+    columns.update({f"imbalance_{name}": rows["imbalance"] == name for name in IMBALANCE})
+    columns["log_lr"] = np.log10(rows["lr"].astype(float))
+    columns["log_batch_size"] = np.log2(rows["batch_size"].astype(float))
+    columns["dropout"] = rows["dropout"].astype(float)
+    # Weight decay 0 (baseline_cnn) sits below the space's lowest value.
+    columns["log_weight_decay"] = np.log10(rows["weight_decay"].astype(float) + 1e-7)
+    columns["augment_strength"] = rows["augment_strength"].astype(float)
+    columns["finetune_blocks"] = rows["finetune_blocks"].astype(float)
+    columns["epoch"] = rows["epoch"].astype(float)
+    return pd.DataFrame(columns)[list(FEATURES)].to_numpy(dtype=float)
+
+
+def read_table(path: Path = TABLE) -> pd.DataFrame:
+    """The recorded curves; a run with fewer than every epoch (being written) is left out."""
+    table = pd.read_csv(path)
+    complete = table.groupby(["config_id", "seed"])["epoch"].transform("nunique") == MAX_EPOCHS
+    return table[complete].reset_index(drop=True)
+
+
+def seed_spread(table: pd.DataFrame) -> dict[str, float]:
+    """Per metric: the standard deviation across seeds of one (config, epoch), pooled."""
+    repeated = table.groupby("config_id")["seed"].transform("nunique") > 1
+    spread = {}
+    for target in TARGETS:
+        variances = table[repeated].groupby(["config_id", "epoch"])[target].var(ddof=1)
+        spread[target] = float(math.sqrt(variances.mean())) if len(variances) else 0.0
+    return spread
+
+
+def family_epoch_seconds(table: pd.DataFrame) -> dict[str, float]:
+    """Median seconds of one training epoch of each family, as recorded."""
+    return {str(k): float(v) for k, v in table.groupby("family")["epoch_time_s"].median().items()}
+
+
+@dataclass
+class Surrogate:
+    """Fitted models, the seed spread and each family's epoch cost."""
+
+    models: dict[str, Any]
+    spread: dict[str, float]
+    epoch_cost: dict[str, float]  # family -> cost of one epoch, 1 = the families' mean
+
+    def curve(self, config: dict[str, Any], rng: np.random.Generator) -> pd.DataFrame:
+        """Validation metrics of every epoch of ``config``, as one noisy trial would see them."""
+        rows = pd.DataFrame([{**config, "epoch": epoch} for epoch in range(1, MAX_EPOCHS + 1)])
+        inputs = features(rows)
+        curve = pd.DataFrame({"epoch": rows["epoch"]})
+        for target, model in self.models.items():
+            offset = rng.normal(0.0, self.spread[target])
+            curve[target] = np.clip(model.predict(inputs) + offset, 0.0, 1.0)
+        return curve
+
+
+def fit_surrogate(table: pd.DataFrame, seed: int = 0) -> Surrogate:
+    """Fit one regressor per metric on every recorded row."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    inputs = features(table)
+    models = {
+        target: HistGradientBoostingRegressor(
+            max_iter=300, learning_rate=0.05, random_state=seed
+        ).fit(inputs, table[target].to_numpy())
+        for target in TARGETS
+    }
+    seconds = family_epoch_seconds(table)
+    mean = float(np.mean(list(seconds.values())))
+    return Surrogate(
+        models=models,
+        spread=seed_spread(table),
+        epoch_cost={family: value / mean for family, value in seconds.items()},
+    )
+
+
+def held_out_fit(table: pd.DataFrame, folds: int = 5) -> dict[str, dict[str, float]]:
+    """R² and Spearman rank correlation per metric, on configs held out by group k-fold."""
+    from scipy.stats import spearmanr
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GroupKFold
+
+    inputs = features(table)
+    fit: dict[str, dict[str, float]] = {}
+    for target in TARGETS:
+        truth = table[target].to_numpy()
+        predicted = np.empty_like(truth)
+        for train, test in GroupKFold(folds).split(inputs, truth, table["config_id"]):
+            model = HistGradientBoostingRegressor(
+                max_iter=300, learning_rate=0.05, random_state=0
+            ).fit(inputs[train], truth[train])
+            predicted[test] = model.predict(inputs[test])
+        fit[target] = {
+            "r2": float(r2_score(truth, predicted)),
+            "spearman": float(spearmanr(truth, predicted).statistic),
+        }
+    return fit

@@ -1,0 +1,76 @@
+"""The replay benchmark's arithmetic: hypervolume, anytime bests, shares (issue item 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks._surrogate import TARGETS, fit_surrogate, held_out_fit, seed_spread
+from benchmarks.record_curves import MAX_EPOCHS
+from benchmarks.search_efficiency import anytime, at_budget, hypervolume, share_to_reach
+
+
+def record(trial: str, cost: float, recall: float, auc: float) -> dict[str, float | str]:
+    return {"trial": trial, "cost": cost, TARGETS[0]: recall, TARGETS[1]: auc}
+
+
+def test_hypervolume_of_a_staircase_by_hand() -> None:
+    # (0.5, 0.9) covers 0.45; (0.8, 0.6) adds 0.3 x 0.6 = 0.18; (0.4, 0.5) is dominated.
+    assert hypervolume([(0.5, 0.9), (0.8, 0.6), (0.4, 0.5)]) == pytest.approx(0.63)
+    assert hypervolume([]) == 0.0
+
+
+def test_a_trial_counts_at_its_best_auc_epoch_not_its_best_recall() -> None:
+    series = anytime([record("a", 1, 0.9, 0.6), record("a", 2, 0.2, 0.8), record("b", 3, 0.5, 0.7)])
+    assert [best for _, best, _ in series] == [0.9, 0.2, 0.5]
+    assert at_budget(series, 2.5) == (0.2, pytest.approx(0.2 * 0.8))
+
+
+def test_the_share_is_the_cost_of_first_reaching_the_target_or_one_censored() -> None:
+    series = [(10.0, 0.3, 0.0), (30.0, 0.6, 0.0), (90.0, 0.8, 0.0)]
+    assert share_to_reach(series, 0.5, 100) == (0.3, True)
+    assert share_to_reach(series, 0.9, 100) == (1.0, False)
+    assert share_to_reach(series, 0.8, 50) == (1.0, False)  # reached only past the budget
+
+
+def recorded_table(configs: int = 24) -> pd.DataFrame:
+    """Curves whose AUC rises with the learning rate, two seeds of the first four configs."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for config_id in range(configs):
+        lr = 10 ** rng.uniform(-4, -2)
+        for seed in (0, 1) if config_id < 4 else (0,):
+            for epoch in range(1, MAX_EPOCHS + 1):
+                quality = (np.log10(lr) + 4) / 2 * epoch / MAX_EPOCHS
+                rows.append(
+                    {
+                        "config_id": config_id,
+                        "seed": seed,
+                        "epoch": epoch,
+                        "family": ["baseline_cnn", "vgg16"][config_id % 2],
+                        "lr": lr,
+                        "batch_size": 32,
+                        "imbalance": "none",
+                        "dropout": 0.0,
+                        "weight_decay": 0.0,
+                        "augment_strength": 0.0,
+                        "finetune_blocks": 0,
+                        TARGETS[0]: quality * 0.8 + 0.01 * seed,
+                        TARGETS[1]: 0.5 + quality * 0.4,
+                        "epoch_time_s": [1.0, 3.0][config_id % 2],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_the_surrogate_fits_held_out_configs_and_knows_the_seed_spread() -> None:
+    table = recorded_table()
+    fit = held_out_fit(table, folds=3)
+    assert fit[TARGETS[1]]["spearman"] > 0.8
+    assert seed_spread(table)[TARGETS[0]] == pytest.approx(np.std([0.0, 0.01], ddof=1))
+    surrogate = fit_surrogate(table)
+    assert surrogate.epoch_cost == {"baseline_cnn": 0.5, "vgg16": 1.5}
+    curve = surrogate.curve(table.iloc[0].to_dict(), np.random.default_rng(0))
+    assert len(curve) == MAX_EPOCHS
+    assert curve[list(TARGETS)].to_numpy().min() >= 0.0
