@@ -273,7 +273,9 @@ def run_sweep(
     print(f"Experiment dir: {redacted(str(experiment_dir))}")
 
     start_ray(address)
-    progress = SweepProgress(config.num_samples, config.max_epochs)
+    progress = SweepProgress(
+        config.num_samples, config.max_epochs, config.grace_period, config.reduction_factor
+    )
     tuner = build_tuner(
         config,
         prepared.trial_data(),
