@@ -141,3 +141,23 @@ def test_a_missing_browser_fails_the_run_unless_a_skip_is_allowed(
     monkeypatch.setenv("CXRTUNE_ALLOW_NO_BROWSER", "1")
     with pytest.raises(pytest.skip.Exception, match="no-chromium is missing"):
         require_browser()
+
+
+def test_the_summary_numbers_are_visible_without_scrolling_at_1280_by_800(
+    loaded: LoadedReport,
+) -> None:
+    page = loaded.page
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.evaluate("window.scrollTo(0, 0)")
+    cells = page.eval_on_selector_all(
+        "#summary td",
+        """cells => cells.map(cell => {
+            const box = cell.getBoundingClientRect();
+            return {text: cell.innerText, right: box.right, bottom: box.bottom};
+        })""",
+    )
+    numbers = [cell for cell in cells if any(ch.isdigit() for ch in cell["text"])]
+    assert any("(" in cell["text"] for cell in numbers), cells  # a test figure with its interval
+    hidden = [cell for cell in numbers if cell["right"] > 1280 or cell["bottom"] > 800]
+    assert not hidden, hidden
+    page.set_viewport_size({"width": 1280, "height": 900})
