@@ -27,6 +27,7 @@ from cxrtune.analysis.experiment import (
 )
 from cxrtune.analysis.leaderboard import Leaderboard, build_leaderboard, first_line
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES
+from cxrtune.analysis.terminal import next_commands
 
 __all__ = ["REPORT_DIR", "REPORT_FILE", "write_report"]
 
@@ -127,6 +128,27 @@ def _note(text: str) -> str:
 def _section(anchor: str, title: str, parts: Sequence[str]) -> tuple[str, str, str]:
     body = f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
     return anchor, title, body
+
+
+def _summary_section(
+    experiment: Experiment, leaderboard: Leaderboard, objectives: Sequence[str]
+) -> tuple[str, str, str]:
+    """The decision first: the recommended trial, the best of each family, what to run next."""
+    summary = report.decision_summary(leaderboard.ranked, objectives)
+    if summary.empty:
+        return _section("summary", "Summary", [_note("No trial reported a result.")])
+    numeric = [heading not in ("", "trial", "family") for heading in summary.columns]
+    directory = experiment.directory
+    commands = next_commands(str(directory), directory.name)[1:]  # this is the report
+    parts = [
+        "<p>Recommended: the rank-1 trial, ranked on validation. Test figures are held out: "
+        "COVID recall at the operating point chosen on val, and macro AUC, each with its "
+        "95% bootstrap interval.</p>",
+        _html_table(list(summary.columns), summary.itertuples(index=False), numeric),
+        "<p>Next: export the recommended model and classify new images.</p>",
+        f"<pre>{html.escape(chr(10).join(commands))}</pre>",
+    ]
+    return _section("summary", "Summary", parts)
 
 
 def _leaderboard_section(leaderboard: Leaderboard, top: int) -> tuple[str, str, str]:
@@ -391,6 +413,7 @@ def write_report(
     )
 
     sections = [
+        _summary_section(experiment, leaderboard, objectives),
         _leaderboard_section(leaderboard, top),
         _data_section(experiment.directory, report.split_counts(experiment.dataset)),
         pareto,

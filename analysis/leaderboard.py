@@ -79,17 +79,7 @@ HYPERPARAMETERS = (
     "augment_strength",
     "finetune_blocks",
 )
-COLUMNS = (
-    "rank",
-    "trial_id",
-    "family",
-    "pretrained",
-    *HYPERPARAMETERS,
-    "epochs",
-    "best_epoch",
-    "val_covid_recall_at_spec",
-    "val_covid_recall",
-    "val_macro_auc",
+TEST_COLUMNS = (
     "test_covid_recall",
     "test_macro_auc",
     "test_accuracy",
@@ -103,7 +93,21 @@ COLUMNS = (
     "test_covid_recall_at_threshold_low",
     "test_covid_recall_at_threshold_high",
 )
-TEST_COLUMNS = COLUMNS[COLUMNS.index("test_covid_recall") :]
+# Metrics first, hyperparameters last, so the numbers that decide are read first.
+COLUMNS = (
+    "rank",
+    "pareto_front",  # 1 = on the first Pareto front of the sweep's objectives
+    "trial_id",
+    "family",
+    "pretrained",
+    "epochs",
+    "best_epoch",
+    "val_covid_recall_at_spec",
+    "val_covid_recall",
+    "val_macro_auc",
+    *TEST_COLUMNS,
+    *HYPERPARAMETERS,
+)
 # The result.json key naming the checkpoint folder Ray wrote with each epoch.
 CHECKPOINT_COLUMN = "checkpoint_dir_name"
 
@@ -126,6 +130,7 @@ class Leaderboard:
     checkpoints: dict[str, Path] = field(default_factory=dict)  # trial id -> chosen checkpoint
     # trial id -> split ("val", "test") -> predictions of the chosen checkpoint
     predictions: dict[str, dict[str, Predictions]] = field(default_factory=dict)
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # what the ranking used, in order
 
 
 def best_epoch_row(
@@ -209,7 +214,7 @@ def build_leaderboard(
         rows.append(trial_row(record, best, objectives))
         chosen[record.trial_id] = str(best[CHECKPOINT_COLUMN])
 
-    table = pd.DataFrame(rows, columns=[c for c in columns if c != "rank"])
+    table = pd.DataFrame(rows, columns=[c for c in columns if c not in ("rank", "pareto_front")])
     table[list(TEST_COLUMNS)] = math.nan
     predictions: dict[str, dict[str, Predictions]] = {}
     if evaluate_test and rows:
@@ -222,7 +227,7 @@ def build_leaderboard(
         table = table[~table["trial_id"].isin(unreadable)].reset_index(drop=True)
         for column in TEST_COLUMNS:
             table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
-    ranked = rank_trials(table, objectives).drop(columns="pareto_front")
+    ranked = rank_trials(table, objectives)
     return Leaderboard(
         ranked=ranked[columns],
         failed=pd.DataFrame(failed, columns=["trial_id", "family", "error"]),
@@ -231,6 +236,7 @@ def build_leaderboard(
             trial_id: records[trial_id].directory / name for trial_id, name in chosen.items()
         },
         predictions=predictions,
+        objectives=tuple(objectives),
     )
 
 

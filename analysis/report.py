@@ -38,6 +38,7 @@ from cxrtune.analysis.leaderboard import (
 )
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, pareto_front_rank
 from cxrtune.analysis.statistics import INTERVAL_METRICS
+from cxrtune.analysis.terminal import compact_table
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 if TYPE_CHECKING:
@@ -551,3 +552,21 @@ def parameter_slices(
         *names,
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def decision_summary(
+    ranked: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES
+) -> pd.DataFrame:
+    """The recommended trial (rank 1), then the best-ranked trial of each family.
+
+    Display strings: the val objectives the ranking used, and the test figures a decision
+    rests on with their 95% intervals, as the terminal leaderboard shows them.
+    """
+    if ranked.empty:
+        return pd.DataFrame()
+    best_of_family = ranked.drop_duplicates("family")  # ranked is sorted, best first
+    chosen = pd.concat([ranked.head(1), best_of_family], ignore_index=True)
+    shown = compact_table(chosen, objectives).drop(columns=["imbalance"])
+    roles = ["recommended"] + [f"best {family}" for family in best_of_family["family"]]
+    shown.insert(0, "", roles)
+    return shown

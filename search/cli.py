@@ -13,7 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cxrtune.analysis.leaderboard import Leaderboard
 
 EXIT_OK = 0
 EXIT_NO_RESULTS = 1
@@ -67,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--top", type=int, default=20, help="leaderboard rows to print (default 20)")
     sweep.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every leaderboard column, not the 120-column table",
+    )
+    sweep.add_argument(
         "--mlflow-uri",
         help="also log every trial to this MLflow tracking URI, and the top 3 models "
         "(needs the mlflow extra)",
@@ -88,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--top", type=int, default=20, help="leaderboard rows to print (default 20)"
     )
+    resume.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every leaderboard column, not the 120-column table",
+    )
     resume.set_defaults(handler=run_resume_command)
 
     leaderboard = commands.add_parser(
@@ -100,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
     leaderboard.add_argument("--top", type=int, default=None, help="rows to print (default: all)")
     leaderboard.add_argument("--format", choices=("table", "csv", "md"), default="table")
+    leaderboard.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every leaderboard column, not the 120-column table",
+    )
     leaderboard.set_defaults(handler=run_leaderboard_command)
 
     report = commands.add_parser(
@@ -263,7 +281,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         settings["test_source"] = args.test_source
     config = load_sweep_config(args.sweep_file, args.overrides, settings)
     outcome = run_sweep(config, name=args.name, address=args.address)
-    return finish_with_leaderboard(outcome.experiment_dir, config.mlflow_uri, top=args.top)
+    return finish_with_leaderboard(
+        outcome.experiment_dir, config.mlflow_uri, top=args.top, wide=args.wide
+    )
 
 
 def run_resume_command(args: argparse.Namespace) -> int:
@@ -286,20 +306,18 @@ def run_resume_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             mlflow_uri = None
-    return finish_with_leaderboard(outcome.experiment_dir, mlflow_uri, top=args.top)
+    return finish_with_leaderboard(outcome.experiment_dir, mlflow_uri, top=args.top, wide=args.wide)
 
 
-def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, *, top: int) -> int:
+def finish_with_leaderboard(
+    experiment_dir: Path | str, mlflow_uri: str | None, *, top: int, wide: bool = False
+) -> int:
     """Rank a finished sweep, write and print its leaderboard; exit 1 when nothing ranked.
 
     ``experiment_dir`` may be an ``s3://`` URI: the ranking runs on a local mirror.
     """
     from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
-    from cxrtune.analysis.leaderboard import (
-        build_leaderboard,
-        format_leaderboard,
-        write_leaderboard,
-    )
+    from cxrtune.analysis.leaderboard import build_leaderboard, write_leaderboard
     from cxrtune.analysis.storage import joined, redacted
 
     print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
@@ -307,7 +325,7 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
         leaderboard = build_leaderboard(read_experiment(local_dir))
         write_leaderboard(leaderboard, local_dir)
         print()
-        print(format_leaderboard(leaderboard, top=top))
+        print_leaderboard_table(leaderboard, top=top, wide=wide)
         if mlflow_uri and len(leaderboard.ranked):
             from cxrtune.analysis.mlflow_export import log_top_models
 
@@ -315,6 +333,8 @@ def finish_with_leaderboard(experiment_dir: Path | str, mlflow_uri: str | None, 
             print(f"The top {len(logged)} models were logged to MLflow at {redacted(mlflow_uri)}")
     written = joined(experiment_dir, "leaderboard.csv")
     print(f"\nLeaderboard written to {written} and leaderboard.md")
+    if len(leaderboard.ranked):
+        print_next_commands(str(experiment_dir))
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
 
 
@@ -330,11 +350,34 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
         experiment = read_experiment(experiment_dir)
         leaderboard = build_leaderboard(experiment)
         write_leaderboard(leaderboard, experiment.directory)
-    print(
-        format_leaderboard(leaderboard, top=args.top, style=args.format),
-        end="\n" if args.format == "table" else "",
-    )
+    if args.format == "table":
+        print_leaderboard_table(leaderboard, top=args.top, wide=args.wide)
+        if len(leaderboard.ranked):
+            print_next_commands(str(args.experiment_dir))
+    else:
+        print(format_leaderboard(leaderboard, top=args.top, style=args.format), end="")
     return EXIT_OK if len(leaderboard.ranked) else EXIT_NO_RESULTS
+
+
+def print_leaderboard_table(leaderboard: Leaderboard, *, top: int | None, wide: bool) -> None:
+    """The 120-column table, or with ``wide`` every column."""
+    from cxrtune.analysis.leaderboard import format_leaderboard
+    from cxrtune.analysis.terminal import print_leaderboard
+
+    if wide:
+        print(format_leaderboard(leaderboard, top=top))
+    else:
+        print_leaderboard(leaderboard, top=top)
+
+
+def print_next_commands(experiment_dir: str) -> None:
+    from cxrtune.analysis.storage import redacted
+    from cxrtune.analysis.terminal import next_commands
+
+    name = experiment_dir.rstrip("/").rsplit("/", 1)[-1]
+    print("\nNext:")
+    for command in next_commands(redacted(experiment_dir), name):
+        print(f"  {command}")
 
 
 def run_report_command(args: argparse.Namespace) -> int:

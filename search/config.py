@@ -1,6 +1,6 @@
 """The sweep file: YAML in, a validated ``SweepConfig`` out.
 
-Every key has a default (documented in the README); unknown keys and wrong
+Every key has a default (documented in docs/sweep-file.md); unknown keys and wrong
 types are errors naming the key, so a typo never silently falls back to a
 default. ``--set key=value`` overrides use the same validation.
 """

@@ -316,7 +316,9 @@ def run_sweep(
     print(f"Experiment dir: {redacted(str(experiment_dir))}")
 
     start_ray(address)
-    progress = SweepProgress(config.num_samples, config.max_epochs)
+    progress = SweepProgress(
+        config.num_samples, config.max_epochs, config.grace_period, config.reduction_factor
+    )
     tuner = build_tuner(
         config,
         prepared.trial_data(config.target_specificity),

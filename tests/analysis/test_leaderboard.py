@@ -17,6 +17,7 @@ from sklearn.metrics import recall_score, roc_auc_score, roc_curve
 from cxrtune.analysis.experiment import DatasetInfo, ExperimentError, read_experiment
 from cxrtune.analysis.leaderboard import (
     COLUMNS,
+    HYPERPARAMETERS,
     TEST_COLUMNS,
     Leaderboard,
     Predictions,
@@ -169,8 +170,22 @@ def test_trials_rank_by_the_sweeps_own_objectives(tmp_path: Path) -> None:
     assert ranked["val_accuracy"].isna().all()  # never reported by these trials
 
 
-def test_the_test_columns_follow_the_existing_columns_in_their_order() -> None:
-    assert COLUMNS[COLUMNS.index("test_accuracy") - 2 :] == (
+def test_metrics_come_before_hyperparameters_and_test_columns_keep_their_order() -> None:
+    """The numbers that decide are read first; new test columns go after the old ones."""
+    assert COLUMNS[: COLUMNS.index("val_macro_auc") + 1] == (
+        "rank",
+        "pareto_front",
+        "trial_id",
+        "family",
+        "pretrained",
+        "epochs",
+        "best_epoch",
+        "val_covid_recall_at_spec",
+        "val_covid_recall",
+        "val_macro_auc",
+    )
+    assert COLUMNS[-len(HYPERPARAMETERS) :] == HYPERPARAMETERS
+    assert TEST_COLUMNS == (
         "test_covid_recall",
         "test_macro_auc",
         "test_accuracy",

@@ -592,3 +592,24 @@ def test_the_ensemble_row_is_the_average_of_the_top_trials_probabilities(tmp_pat
     assert table.loc[1, "test_macro_auc"] == pytest.approx(expected["macro_auc"])
     assert table.loc[0, "test_macro_auc"] == leaderboard.ranked.loc[0, "test_macro_auc"]
     assert report.ensemble_comparison(experiment, leaderboard, 1).empty
+
+
+def test_the_decision_summary_leads_with_rank_1_then_the_best_of_each_family() -> None:
+    ranked = pd.DataFrame(
+        {
+            "rank": [1, 2, 3],
+            "trial_id": ["a", "b", "c"],
+            "family": ["vgg16", "vgg16", "baseline_cnn"],
+            "imbalance": ["oversample", "none", "none"],
+            "val_covid_recall_at_spec": [0.9, 0.8, 0.7],
+            "val_macro_auc": [0.95, 0.9, 0.85],
+            "test_covid_recall_at_threshold": [0.944, 0.9, 0.8],
+            "test_macro_auc": [0.95, 0.9, 0.85],
+            "test_macro_auc_low": [0.93, 0.88, 0.8],
+            "test_macro_auc_high": [0.97, 0.92, 0.9],
+        }
+    )
+    summary = report.decision_summary(ranked)
+    assert summary[""].tolist() == ["recommended", "best vgg16", "best baseline_cnn"]
+    assert summary["trial"].tolist() == ["a", "a", "c"]
+    assert summary["test AUC (95% CI)"].iloc[0] == "0.95 (0.93\N{EN DASH}0.97)"

@@ -145,7 +145,7 @@ done
 node_sshd=$(pgrep -P "$namespace_pid")
 
 say "rendering cluster-onprem.yaml for this machine"
-# As the README says: the cluster's token, made once on the user's machine.
+# As docs/cluster.md says: the cluster's token, made once on the user's machine.
 [ -e "$HOME/.ray/auth_token" ] || "$ray_cli" get-auth-token --generate >/dev/null
 read -r gcs_port dashboard_port control_dir < <(
     "$python" "$steps" render "$repo/cluster-onprem.yaml" "$rendered" "$repo" "$work/client_key"

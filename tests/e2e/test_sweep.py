@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,9 +194,57 @@ def write_user_dataset(root: Path) -> None:
                 )
 
 
-def test_a_user_image_folder_sweeps_and_ranks_skipping_bad_files(
-    tmp_path: Path, local_ray: None
-) -> None:
+class ListeningSockets:
+    """Polls, in a thread, every socket this process and its children listen on."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.seen: set[tuple[str, str, int]] = set()  # (process name, address, port)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> ListeningSockets:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.interval_s):
+            driver = psutil.Process()
+            for process in [driver, *driver.children(recursive=True)]:
+                try:
+                    name = process.name()
+                    connections = process.net_connections(kind="inet")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                for connection in connections:
+                    # A TCP socket in LISTEN, or a UDP socket bound without a peer.
+                    if connection.status == psutil.CONN_LISTEN or (
+                        connection.type == socket.SOCK_DGRAM and not connection.raddr
+                    ):
+                        self.seen.add((name, connection.laddr.ip, connection.laddr.port))
+            self.samples += 1
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket bound to ::ffff:127.0.0.1
+    return ip.is_loopback
+
+
+@pytest.fixture(scope="module")
+def user_folder_sweep(
+    tmp_path_factory: pytest.TempPathFactory, local_ray: None
+) -> tuple[Path, ListeningSockets]:
+    """A sweep of a messy user folder, with every listening socket recorded while it ran."""
+    tmp_path = tmp_path_factory.mktemp("user-folder")
     data = tmp_path / "my xrays"
     write_user_dataset(data)
     (data / "Normal" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
@@ -212,17 +263,38 @@ def test_a_user_image_folder_sweeps_and_ranks_skipping_bad_files(
             "space=quick",
         ],
     )
-    outcome = run_sweep(config, name="mine")
+    with ListeningSockets() as sockets:
+        outcome = run_sweep(config, name="mine")
     assert outcome.errored == 0
-    leaderboard = build_leaderboard(read_experiment(outcome.experiment_dir))
+    return Path(outcome.experiment_dir), sockets
+
+
+def test_a_user_image_folder_sweeps_and_ranks_skipping_bad_files(
+    user_folder_sweep: tuple[Path, ListeningSockets],
+) -> None:
+    experiment_dir, _ = user_folder_sweep
+    leaderboard = build_leaderboard(read_experiment(experiment_dir))
     assert set(leaderboard.ranked["family"]) == FAMILIES
     assert leaderboard.ranked["test_macro_auc"].notna().all()
-    splits = pd.read_csv(outcome.experiment_dir / "splits.csv")
+    splits = pd.read_csv(experiment_dir / "splits.csv")
     assert len(splits) == 82 and set(splits["split"]) == {"train", "val", "test"}
     assert "COVID-19/site a/scans/img 0.png" in set(splits["path"])
-    report = (outcome.experiment_dir / "ingest_report.txt").read_text()
+    report = (experiment_dir / "ingest_report.txt").read_text()
     assert "Unreadable files (skipped): 3" in report
     assert "3 images skipped" in leaderboard.header
+
+
+def test_every_socket_ray_listens_on_during_a_local_sweep_is_loopback(
+    user_folder_sweep: tuple[Path, ListeningSockets],
+) -> None:
+    """Loopback, measured: the sockets Ray's processes really bind, not the address Ray reports."""
+    _, sockets = user_folder_sweep
+    names = {name for name, _, _ in sockets.seen}
+    # The sweep's own processes were seen: Ray's servers and at least one trial worker.
+    assert {"gcs_server", "raylet"} <= names, names
+    assert any(name.startswith("ray::") for name in names), names
+    exposed = sorted(entry for entry in sockets.seen if not is_loopback(entry[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 @pytest.fixture
