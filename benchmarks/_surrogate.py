@@ -20,13 +20,12 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.record_curves import MAX_EPOCHS, TABLE
+from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 TARGETS = ("val_covid_recall_at_spec", "val_macro_auc")
-FAMILIES = ("baseline_cnn", "regularized_cnn", "vgg16")
-IMBALANCE = ("none", "oversample", "class_weight")
 FEATURES = (
     *(f"family_{name}" for name in FAMILIES),
-    *(f"imbalance_{name}" for name in IMBALANCE),
+    *(f"imbalance_{name}" for name in IMBALANCE_STRATEGIES),
     "log_lr",
     "log_batch_size",
     "dropout",
@@ -40,7 +39,9 @@ FEATURES = (
 def features(rows: pd.DataFrame) -> np.ndarray:
     """The model's inputs, one row per (config, epoch) row of ``rows``."""
     columns = {f"family_{name}": rows["family"] == name for name in FAMILIES}
-    columns.update({f"imbalance_{name}": rows["imbalance"] == name for name in IMBALANCE})
+    columns.update(
+        {f"imbalance_{name}": rows["imbalance"] == name for name in IMBALANCE_STRATEGIES}
+    )
     columns["log_lr"] = np.log10(rows["lr"].astype(float))
     columns["log_batch_size"] = np.log2(rows["batch_size"].astype(float))
     columns["dropout"] = rows["dropout"].astype(float)
