@@ -34,6 +34,8 @@ import statistics
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,7 @@ SHARE_GOAL = Goal("<=", 0.4)
 BEATS_GOAL = Goal(">=", 0.8)
 # A replayed trial only reports: four at a time on two cores keeps Tune's loop busy.
 REPLAY_CPUS = 0.5
+REPLAY_CONCURRENCY = 4
 PLOT = Path(__file__).resolve().parent / "results" / "search_efficiency_anytime.png"
 
 
@@ -94,19 +97,76 @@ def replay_config(seed: int, overrides: tuple[str, ...] = ()) -> SweepConfig:
     )
 
 
-def replay_trial(config: dict[str, Any], surrogate: Surrogate) -> None:
-    """Report the surrogate's curve of ``config`` epoch by epoch, as a trial would."""
-    from ray import tune
+# Each replay worker's surrogate, by object id: a reused actor deserializes it once,
+# not once per trial.
+_SURROGATES: dict[str, Surrogate] = {}
 
-    # The noise depends on the config and the sweep seed only: variants that try the
-    # same config on the same seed see the same curve.
+
+def replay_curve(config: dict[str, Any], surrogate: Surrogate) -> list[dict[str, Any]]:
+    """The results a trial of ``config`` reports, one per epoch, as the surrogate draws them.
+
+    The noise depends on the config (and so the sweep seed) only: variants that try
+    the same config on the same seed see the same curve.
+    """
     key = zlib.crc32(json.dumps(config, sort_keys=True, default=str).encode())
     curve = surrogate.curve(config, np.random.default_rng(key))
     cost = surrogate.epoch_cost.get(str(config["family"]), 1.0)
-    for row in curve.itertuples(index=False):
-        tune.report(
-            {"epoch": int(row.epoch), **{t: float(getattr(row, t)) for t in TARGETS}, "cost": cost}
-        )
+    return [
+        {"epoch": int(row.epoch), **{t: float(getattr(row, t)) for t in TARGETS}, "cost": cost}
+        for row in curve.itertuples(index=False)
+    ]
+
+
+def replay_trainable() -> type:
+    """A Tune class trainable that reports a surrogate curve, one epoch per ``step``.
+
+    A class trainable, not a function: a reused actor starts its next trial with a
+    ``reset_config`` call instead of a new thread, and each epoch is one plain method
+    call. The surrogate comes as ``[object ref]`` (so ``tune.with_parameters`` hands
+    over the ref, not the object) and is fetched once per worker.
+    """
+    import ray
+    from ray import tune
+
+    class ReplayTrial(tune.Trainable):
+        def setup(self, config: dict[str, Any], surrogate_ref: list[Any]) -> None:
+            (ref,) = surrogate_ref
+            if ref.hex() not in _SURROGATES:
+                _SURROGATES[ref.hex()] = ray.get(ref)
+            self.surrogate = _SURROGATES[ref.hex()]
+            self.curve = replay_curve(config, self.surrogate)
+
+        def reset_config(self, new_config: dict[str, Any]) -> bool:
+            self.curve = replay_curve(new_config, self.surrogate)
+            return True
+
+        def save_checkpoint(self, checkpoint_dir: str) -> None:
+            return None  # nothing to save: the curve follows from the config
+
+        def load_checkpoint(self, checkpoint: Any) -> None:
+            return None
+
+        def step(self) -> dict[str, Any]:
+            result = dict(self.curve[self.iteration])
+            result["done"] = self.iteration + 1 == len(self.curve)
+            return result
+
+    return ReplayTrial
+
+
+@contextmanager
+def scoped_environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_variant(
@@ -158,12 +218,16 @@ def run_variant(
 
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(replay_trial, surrogate=surrogate_ref), {"CPU": REPLAY_CPUS}
+            tune.with_parameters(replay_trainable(), surrogate_ref=[surrogate_ref]),
+            {"CPU": REPLAY_CPUS},
         ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=config.num_samples,
+            # As many as fit: Tune then keeps that many trials pending while their actors
+            # start, where a custom searcher otherwise gets one pending trial at a time.
+            max_concurrent_trials=REPLAY_CONCURRENCY,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
@@ -176,7 +240,9 @@ def run_variant(
             verbose=0,
         ),
     )
-    tuner.fit()
+    # Tune's per-trial CSV, JSON and TensorBoard loggers: files nobody reads here.
+    with scoped_environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+        tuner.fit()
     return records
 
 

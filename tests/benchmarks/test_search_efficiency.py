@@ -74,3 +74,43 @@ def test_the_surrogate_fits_held_out_configs_and_knows_the_seed_spread() -> None
     curve = surrogate.curve(table.iloc[0].to_dict(), np.random.default_rng(0))
     assert len(curve) == MAX_EPOCHS
     assert curve[list(TARGETS)].to_numpy().min() >= 0.0
+
+
+class Constant:
+    """A stand-in regressor: predicts ``value`` for every row."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        return np.full(len(inputs), self.value)
+
+
+def test_a_replayed_trial_reports_the_same_curve_for_the_same_config_each_epoch() -> None:
+    """Issue item 3 (a fast replay): a reused replay actor rebuilds the curve per config."""
+    from benchmarks._surrogate import Surrogate
+    from benchmarks.search_efficiency import replay_curve
+
+    surrogate = Surrogate(
+        models={TARGETS[0]: Constant(0.5), TARGETS[1]: Constant(0.7)},
+        spread={TARGETS[0]: 0.1, TARGETS[1]: 0.0},
+        epoch_cost={"vgg16": 2.5},
+    )
+    config = {
+        "family": "vgg16",
+        "lr": 1e-3,
+        "batch_size": 32,
+        "imbalance": "none",
+        "dropout": 0.2,
+        "weight_decay": 1e-4,
+        "augment_strength": 0.3,
+        "finetune_blocks": 1,
+        "max_epochs": MAX_EPOCHS,
+    }
+    curve = replay_curve(config, surrogate)
+    assert [row["epoch"] for row in curve] == list(range(1, MAX_EPOCHS + 1))
+    assert all(row["cost"] == 2.5 and row[TARGETS[1]] == pytest.approx(0.7) for row in curve)
+    # One offset per trial: the whole curve moves together, and again for the same config.
+    assert len({row[TARGETS[0]] for row in curve}) == 1
+    assert replay_curve(config, surrogate) == curve
+    assert replay_curve({**config, "lr": 2e-3}, surrogate) != curve
