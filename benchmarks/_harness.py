@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,12 +197,15 @@ def import_psutil() -> Any:
 
 
 @contextmanager
-def private_ray() -> Iterator[None]:
-    """A local Ray instance on 127.0.0.1, as a sweep starts it; shut down on exit."""
+def private_ray(resources: Mapping[str, float] | None = None) -> Iterator[None]:
+    """A local Ray instance on 127.0.0.1, as a sweep starts it; shut down on exit.
+
+    ``resources``: custom resources it offers besides the machine's cores.
+    """
     use_loopback_ray()
     from cxrtune.search.sweep import start_ray
 
-    start_ray(None)
+    start_ray(None, resources=resources)
     import ray
 
     try:

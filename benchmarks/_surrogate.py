@@ -12,6 +12,7 @@ whole curve more than it jitters single epochs), clipped to [0, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.record_curves import MAX_EPOCHS, TABLE
+from benchmarks.record_curves import CONFIG_COLUMNS, MAX_EPOCHS, TABLE
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 TARGETS = ("val_covid_recall_at_spec", "val_macro_auc")
@@ -36,21 +37,25 @@ FEATURES = (
 )
 
 
-def features(rows: pd.DataFrame) -> np.ndarray:
-    """The model's inputs, one row per (config, epoch) row of ``rows``."""
-    columns = {f"family_{name}": rows["family"] == name for name in FAMILIES}
-    columns.update(
-        {f"imbalance_{name}": rows["imbalance"] == name for name in IMBALANCE_STRATEGIES}
+def features(rows: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
+    """The model's inputs, one row per (config, epoch) row of ``rows``.
+
+    ``rows``: a table, or a mapping of column name to a numpy array.
+    """
+    column = {name: np.asarray(rows[name]) for name in (*CONFIG_COLUMNS, "epoch")}
+    inputs = {f"family_{name}": column["family"] == name for name in FAMILIES}
+    inputs.update(
+        {f"imbalance_{name}": column["imbalance"] == name for name in IMBALANCE_STRATEGIES}
     )
-    columns["log_lr"] = np.log10(rows["lr"].astype(float))
-    columns["log_batch_size"] = np.log2(rows["batch_size"].astype(float))
-    columns["dropout"] = rows["dropout"].astype(float)
+    inputs["log_lr"] = np.log10(column["lr"].astype(float))
+    inputs["log_batch_size"] = np.log2(column["batch_size"].astype(float))
+    inputs["dropout"] = column["dropout"].astype(float)
     # Weight decay 0 (baseline_cnn) sits below the space's lowest value.
-    columns["log_weight_decay"] = np.log10(rows["weight_decay"].astype(float) + 1e-7)
-    columns["augment_strength"] = rows["augment_strength"].astype(float)
-    columns["finetune_blocks"] = rows["finetune_blocks"].astype(float)
-    columns["epoch"] = rows["epoch"].astype(float)
-    return pd.DataFrame(columns)[list(FEATURES)].to_numpy(dtype=float)
+    inputs["log_weight_decay"] = np.log10(column["weight_decay"].astype(float) + 1e-7)
+    inputs["augment_strength"] = column["augment_strength"].astype(float)
+    inputs["finetune_blocks"] = column["finetune_blocks"].astype(float)
+    inputs["epoch"] = column["epoch"].astype(float)
+    return np.column_stack([inputs[name].astype(float) for name in FEATURES])
 
 
 def read_table(path: Path = TABLE) -> pd.DataFrame:
@@ -83,11 +88,15 @@ class Surrogate:
     spread: dict[str, float]
     epoch_cost: dict[str, float]  # family -> cost of one epoch, 1 = the families' mean
 
-    def curve(self, config: dict[str, Any], rng: np.random.Generator) -> pd.DataFrame:
-        """Validation metrics of every epoch of ``config``, as one noisy trial would see them."""
-        rows = pd.DataFrame([{**config, "epoch": epoch} for epoch in range(1, MAX_EPOCHS + 1)])
-        inputs = features(rows)
-        curve = pd.DataFrame({"epoch": rows["epoch"]})
+    def curve(self, config: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Validation metrics of every epoch of ``config``, as one noisy trial would see them.
+
+        One array per metric, and ``epoch``: 1 to ``MAX_EPOCHS``.
+        """
+        epochs = np.arange(1, MAX_EPOCHS + 1)
+        rows = {name: np.full(MAX_EPOCHS, config[name]) for name in CONFIG_COLUMNS}
+        inputs = features({**rows, "epoch": epochs})
+        curve = {"epoch": epochs}
         for target, model in self.models.items():
             offset = rng.normal(0.0, self.spread[target])
             curve[target] = np.clip(model.predict(inputs) + offset, 0.0, 1.0)

@@ -19,6 +19,9 @@ without ASHA). At each budget (in trial-epochs), per variant:
   at its best-validation epoch, reference point (0, 0);
 - how often its hypervolume beats random's.
 
+Searches run ``REPLAY_DRIVERS`` at a time (default 4), each from its own driver
+process attached to one Ray instance, with one actor serving every trial's curve.
+
 ``REPLAY_SEEDS`` in the environment sets the number of seeds (default 20);
 ``REPLAY_VARIANTS`` (comma-separated, ``random`` among them) the variants, among
 them one-change variants of the sweep defaults (``VARIANTS``).
@@ -29,6 +32,7 @@ goes to ``benchmarks/results/search_efficiency_anytime.png`` (not for ``--quick`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -53,6 +57,7 @@ from benchmarks._harness import (
 from benchmarks._surrogate import TARGETS, Surrogate, fit_surrogate, held_out_fit, read_table
 from benchmarks.record_curves import MAX_EPOCHS
 from cxrtune.search.config import SweepConfig, load_sweep_config
+from cxrtune.search.ray_environment import use_loopback_ray
 
 BUDGETS = (50, 100, 200)
 SEEDS = 20
@@ -77,9 +82,14 @@ COMPARED = ("cxrtune", "random", "random_asha", "tpe")
 PRIMARY, SECONDARY = TARGETS
 SHARE_GOAL = Goal("<=", 0.4)
 BEATS_GOAL = Goal(">=", 0.8)
-# A replayed trial only reports: four at a time on two cores keeps Tune's loop busy.
-REPLAY_CPUS = 0.5
+# Searches at once, each from its own driver process (``run_searches``), each with up to
+# four trials at a time. A replayed trial only reports, so it takes no CPU but one of
+# its driver's four slots (a custom resource): Tune reuses a search's actors best when
+# exactly as many trials fit as it runs at once, and more logical CPUs would have Ray
+# keep that many idle workers started. Starting a worker is most of a trial's cost.
+REPLAY_DRIVERS = int(os.environ.get("REPLAY_DRIVERS", "4"))
 REPLAY_CONCURRENCY = 4
+CURVE_SERVER, REPLAY_NAMESPACE = "replay-curves", "cxrtune-replay"
 PLOT = Path(__file__).resolve().parent / "results" / "search_efficiency_anytime.png"
 
 
@@ -97,11 +107,6 @@ def replay_config(seed: int, overrides: tuple[str, ...] = ()) -> SweepConfig:
     )
 
 
-# Each replay worker's surrogate, by object id: a reused actor deserializes it once,
-# not once per trial.
-_SURROGATES: dict[str, Surrogate] = {}
-
-
 def replay_curve(config: dict[str, Any], surrogate: Surrogate) -> list[dict[str, Any]]:
     """The results a trial of ``config`` reports, one per epoch, as the surrogate draws them.
 
@@ -112,46 +117,19 @@ def replay_curve(config: dict[str, Any], surrogate: Surrogate) -> list[dict[str,
     curve = surrogate.curve(config, np.random.default_rng(key))
     cost = surrogate.epoch_cost.get(str(config["family"]), 1.0)
     return [
-        {"epoch": int(row.epoch), **{t: float(getattr(row, t)) for t in TARGETS}, "cost": cost}
-        for row in curve.itertuples(index=False)
+        {"epoch": int(epoch), **{t: float(curve[t][index]) for t in TARGETS}, "cost": cost}
+        for index, epoch in enumerate(curve["epoch"])
     ]
 
 
-def replay_trainable() -> type:
-    """A Tune class trainable that reports a surrogate curve, one epoch per ``step``.
+class CurveServer:
+    """Holds the surrogate in one Ray actor and answers every replayed trial's curve."""
 
-    A class trainable, not a function: a reused actor starts its next trial with a
-    ``reset_config`` call instead of a new thread, and each epoch is one plain method
-    call. The surrogate comes as ``[object ref]`` (so ``tune.with_parameters`` hands
-    over the ref, not the object) and is fetched once per worker.
-    """
-    import ray
-    from ray import tune
+    def __init__(self, surrogate: Surrogate) -> None:
+        self.surrogate = surrogate
 
-    class ReplayTrial(tune.Trainable):
-        def setup(self, config: dict[str, Any], surrogate_ref: list[Any]) -> None:
-            (ref,) = surrogate_ref
-            if ref.hex() not in _SURROGATES:
-                _SURROGATES[ref.hex()] = ray.get(ref)
-            self.surrogate = _SURROGATES[ref.hex()]
-            self.curve = replay_curve(config, self.surrogate)
-
-        def reset_config(self, new_config: dict[str, Any]) -> bool:
-            self.curve = replay_curve(new_config, self.surrogate)
-            return True
-
-        def save_checkpoint(self, checkpoint_dir: str) -> None:
-            return None  # nothing to save: the curve follows from the config
-
-        def load_checkpoint(self, checkpoint: Any) -> None:
-            return None
-
-        def step(self) -> dict[str, Any]:
-            result = dict(self.curve[self.iteration])
-            result["done"] = self.iteration + 1 == len(self.curve)
-            return result
-
-    return ReplayTrial
+    def curve(self, config: dict[str, Any]) -> list[dict[str, Any]]:
+        return replay_curve(config, self.surrogate)
 
 
 @contextmanager
@@ -169,15 +147,24 @@ def scoped_environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def replay_slot(driver: int) -> str:
+    """The custom resource that bounds the trials of one driver's searches."""
+    return f"replay_slots_{driver}"
+
+
 def run_variant(
-    variant: str, seed: int, surrogate_ref: Any, budget: float, storage: Path
+    variant: str, seed: int, curves: Any, budget: float, storage: Path, driver: int = 0
 ) -> list[dict[str, Any]]:
     """One search until ``budget`` cost; every reported epoch in arrival order."""
     import optuna
     from ray import tune
 
+    from benchmarks._replay import ReplayTrial
     from cxrtune.search.tuner import build_scheduler, build_searcher, trial_dirname
 
+    # The trials keep no result files (below), so the result grid Tune builds at the
+    # end finds none: a warning per trial that says nothing here.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     sampler, asha, overrides = VARIANTS[variant]
     config = replay_config(seed, overrides)
     searcher = build_searcher(config, "none")
@@ -218,8 +205,8 @@ def run_variant(
 
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(replay_trainable(), surrogate_ref=[surrogate_ref]),
-            {"CPU": REPLAY_CPUS},
+            tune.with_parameters(ReplayTrial, curves=curves),
+            {"CPU": 0, replay_slot(driver): 1},
         ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -241,9 +228,76 @@ def run_variant(
         ),
     )
     # Tune's per-trial CSV, JSON and TensorBoard loggers: files nobody reads here.
-    with scoped_environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+    # Nothing resumes a replay: its experiment state need not be saved as it goes.
+    with scoped_environment(
+        TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", TUNE_GLOBAL_CHECKPOINT_S="86400"
+    ):
         tuner.fit()
     return records
+
+
+# This search process's driver number, from ``attach_driver``.
+DRIVER = 0
+
+
+def attach_driver(address: str, numbers: Any) -> None:
+    """Start a search process: join the benchmark's Ray instance as one more driver."""
+    from cxrtune.search.sweep import start_ray
+
+    global DRIVER
+    DRIVER = numbers.get()
+    use_loopback_ray()
+    start_ray(address)
+
+
+def search_in_driver(variant: str, seed: int, budget: float, storage: Path) -> list[dict]:
+    """``run_variant`` in a search process, with the curve server found by name."""
+    import ray
+
+    curves = ray.get_actor(CURVE_SERVER, namespace=REPLAY_NAMESPACE)
+    return run_variant(variant, seed, curves, budget, storage, DRIVER)
+
+
+def run_searches(
+    tasks: list[tuple[str, int]], budget: float, storage: Path
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Every ``(variant, seed)`` search, ``REPLAY_DRIVERS`` at a time; their timelines.
+
+    A search mostly waits on round trips to its trials' workers, so several run at
+    once, each from its own driver process attached to the one Ray instance.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    context = multiprocessing.get_context("spawn")
+    numbers = context.Queue()
+    for driver in range(REPLAY_DRIVERS):
+        numbers.put(driver)
+    started = time.perf_counter()
+    timelines: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with ProcessPoolExecutor(
+        REPLAY_DRIVERS,
+        mp_context=context,
+        initializer=attach_driver,
+        initargs=(address, numbers),
+    ) as pool:
+        futures = {
+            pool.submit(search_in_driver, variant, seed, budget, storage): (variant, seed)
+            for variant, seed in tasks
+        }
+        for count, future in enumerate(as_completed(futures), start=1):
+            variant, seed = futures[future]
+            timelines[variant, seed] = records = future.result()
+            best = max((record[PRIMARY] for record in records), default=float("nan"))
+            print(
+                f"[{time.perf_counter() - started:4.0f}s {count}/{len(tasks)}] seed {seed} "
+                f"{variant:<12} {len(records)} epochs, best {PRIMARY} {best:.3f}",
+                flush=True,
+            )
+    return timelines
 
 
 def hypervolume(points: list[tuple[float, float]]) -> float:
@@ -341,7 +395,7 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     table = read_table()
     fit = held_out_fit(table)
     surrogate = fit_surrogate(table)
-    seeds = list(range(2 if settings.quick else int(os.environ.get("REPLAY_SEEDS", SEEDS))))
+    seeds = list(range(1 if settings.quick else int(os.environ.get("REPLAY_SEEDS", SEEDS))))
     budgets = (20,) if settings.quick else BUDGETS
     storage = settings.workdir / "replay"
     chosen = os.environ.get("REPLAY_VARIANTS")
@@ -349,20 +403,23 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "random" not in variants:
         raise ValueError(f"REPLAY_VARIANTS: give 'random' and any of {list(VARIANTS)}")
-    series: dict[str, list[list[tuple[float, float, float]]]] = {v: [] for v in variants}
-    with private_ray():
-        surrogate_ref = ray.put(surrogate)
-        for seed in seeds:
-            for variant in variants:
-                started = time.perf_counter()
-                records = run_variant(variant, seed, surrogate_ref, max(budgets), storage)
-                series[variant].append(anytime(records))
-                print(
-                    f"seed {seed} {variant:<12} {len(records)} epochs, "
-                    f"best {PRIMARY} {series[variant][-1][-1][1]:.3f} "
-                    f"({time.perf_counter() - started:.0f}s)",
-                    flush=True,
-                )
+    tasks = [(variant, seed) for seed in seeds for variant in variants]
+    slots = {replay_slot(driver): REPLAY_CONCURRENCY for driver in range(REPLAY_DRIVERS)}
+    # Ray starts idle workers for each driver ahead of need; a replay's trial workers
+    # are its own actors, so those would only take CPU from the searches.
+    with scoped_environment(RAY_enable_worker_prestart="0"), private_ray(slots):
+        # Held here: the server lives as long as this handle, and the searches find it
+        # by name.
+        server: Any = (
+            ray.remote(num_cpus=0)(CurveServer)
+            .options(name=CURVE_SERVER, namespace=REPLAY_NAMESPACE)
+            .remote(surrogate)
+        )
+        ray.get(server.__ray_ready__.remote())
+        timelines = run_searches(tasks, max(budgets), storage)
+    series = {
+        variant: [anytime(timelines[variant, seed]) for seed in seeds] for variant in variants
+    }
 
     rows, summary = [], {}
     for budget in budgets:
@@ -390,7 +447,7 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
             )
             if variant == "random":
                 continue
-            is_goal = variant == "cxrtune" and budget == max(budgets)
+            is_goal = variant == "cxrtune" and budget == max(BUDGETS)
             censored = any(not ok and s <= median for s, ok in reached)
             rows.append(
                 Row(

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -252,8 +253,11 @@ def _write_experiment_files(directory: Path, config: SweepConfig, prepared: Prep
     write_splits(prepared.dataset, prepared.splits, directory / SPLITS_FILE, prepared.groups)
 
 
-def start_ray(address: str | None) -> None:
-    """Connect to a running cluster at ``address``, or start a private local one on loopback."""
+def start_ray(address: str | None, *, resources: Mapping[str, float] | None = None) -> None:
+    """Connect to a running cluster at ``address``, or start a private local one on loopback.
+
+    ``resources``: custom resources a private instance offers besides its cores.
+    """
     if not address:
         use_loopback_ray()
     for name, value in QUIET_TUNE_ENVIRONMENT.items():
@@ -275,6 +279,7 @@ def start_ray(address: str | None) -> None:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             log_to_driver=False,
+            resources=dict(resources or {}),
         )
 
 

@@ -72,8 +72,8 @@ def test_the_surrogate_fits_held_out_configs_and_knows_the_seed_spread() -> None
     surrogate = fit_surrogate(table)
     assert surrogate.epoch_cost == {"baseline_cnn": 0.5, "vgg16": 1.5}
     curve = surrogate.curve(table.iloc[0].to_dict(), np.random.default_rng(0))
-    assert len(curve) == MAX_EPOCHS
-    assert curve[list(TARGETS)].to_numpy().min() >= 0.0
+    assert list(curve["epoch"]) == list(range(1, MAX_EPOCHS + 1))
+    assert min(curve[target].min() for target in TARGETS) >= 0.0
 
 
 class Constant:
