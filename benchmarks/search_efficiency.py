@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import statistics
+import threading
 import time
 import uuid
 import zlib
@@ -240,10 +241,25 @@ def run_variant(
 DRIVER = 0
 
 
+def exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone, as when the benchmark is interrupted.
+
+    A process pool's workers would otherwise keep running their searches, orphaned.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def attach_driver(address: str, numbers: Any) -> None:
     """Start a search process: join the benchmark's Ray instance as one more driver."""
     from cxrtune.search.sweep import start_ray
 
+    exit_with_parent(os.getppid())
     global DRIVER
     DRIVER = numbers.get()
     use_loopback_ray()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,3 +116,50 @@ def test_a_replayed_trial_reports_the_same_curve_for_the_same_config_each_epoch(
     assert len({row[TARGETS[0]] for row in curve}) == 1
     assert replay_curve(config, surrogate) == curve
     assert replay_curve({**config, "lr": 2e-3}, surrogate) != curve
+
+
+def orphan(pids: Any) -> None:
+    """Start a child that watches this process, and die as a killed process does once it does."""
+    import multiprocessing
+    import os
+
+    context = multiprocessing.get_context("spawn")
+    watching = context.Event()
+    child = context.Process(target=sleep_watching_parent, args=(watching,))
+    child.start()
+    watching.wait(60)
+    pids.put(child.pid)
+    pids.close()
+    pids.join_thread()
+    os._exit(0)  # no clean-up: a clean exit would join (wait for) the child
+
+
+def sleep_watching_parent(watching: Any) -> None:
+    import os
+    import time
+
+    from benchmarks.search_efficiency import exit_with_parent
+
+    exit_with_parent(os.getppid())
+    watching.set()
+    time.sleep(120)
+
+
+def test_a_search_process_ends_when_the_benchmark_that_started_it_is_gone() -> None:
+    """An interrupted replay leaves no search process running on its own."""
+    import multiprocessing
+    import time
+
+    import psutil
+
+    context = multiprocessing.get_context("spawn")
+    pids = context.Queue()
+    parent = context.Process(target=orphan, args=(pids,))
+    parent.start()
+    child = pids.get(timeout=60)
+    parent.join(timeout=60)
+    assert parent.exitcode == 0
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"search process {child} outlived its parent"
+        time.sleep(0.2)
