@@ -210,6 +210,11 @@ def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | st
     """
     if name is None:
         name = f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if name in {"", ".", ".."} or any(character in name for character in "/\\\0"):
+        raise SweepConfigError(
+            f"experiment name {name!r}: must be one folder name under storage_path, "
+            "without '/' or '\\' and not '.' or '..'"
+        )
     if is_remote(config.storage_path):
         experiment = RemoteDir.open(config.storage_path).child(name)
         if experiment.files():

@@ -421,3 +421,16 @@ def test_a_manifest_split_that_leaks_a_duplicate_stops_inspect_and_sweep_naming_
     report = capsys.readouterr().out
     assert "Images in two splits of the manifest: 1" in report
     assert "dropped: 2 images" in report
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "..", "", "back\\slash"])
+def test_an_experiment_name_that_is_not_one_folder_exits_2_before_any_data_work(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--name becomes one folder under storage_path; a path there would write elsewhere."""
+    storage = tmp_path / "results"
+    assert main(["sweep", "--set", f"storage_path={storage}", "--name", name]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"cxrtune: error: experiment name {name!r}: must be one folder name" in error
+    assert "Decoding images" not in error
+    assert not (tmp_path / "outside").exists()
