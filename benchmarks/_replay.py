@@ -8,10 +8,42 @@ replayed trial costs, and a benchmark run starts hundreds.
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from typing import Any
 
 import ray
 from ray import tune
+
+# How long a new trial worker waits for the rest of its search's workers (below).
+START_TIMEOUT_S = 60.0
+
+
+class StartLine:
+    """Holds each search's first trials until all its trial workers are up.
+
+    A replayed trial lasts milliseconds, while a new worker takes seconds to start.
+    Left alone, Tune hands every next trial to the first worker that is up, and kills
+    the others while they start, so that a search would run one trial at a time and
+    start a doomed worker for most trials. A real trial outlasts a worker's start:
+    held at the line, the replay runs its trials as many at a time as a sweep does.
+    Run as an async Ray actor (``ray.remote(num_cpus=0)(StartLine)``).
+    """
+
+    def __init__(self) -> None:
+        self.arrived: defaultdict[str, int] = defaultdict(int)
+        self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def arrive(self, search: str, workers: int) -> bool:
+        """Wait until ``workers`` workers of ``search`` have arrived; False on time-out."""
+        self.arrived[search] += 1
+        if self.arrived[search] >= workers:
+            self.started[search].set()
+        try:
+            await asyncio.wait_for(self.started[search].wait(), START_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return True
 
 
 class ReplayTrial(tune.Trainable):
@@ -22,10 +54,18 @@ class ReplayTrial(tune.Trainable):
     method call.
     """
 
-    # ``tune.with_parameters`` adds ``curves`` to Tune's ``setup(config)``.
-    def setup(self, config: dict[str, Any], curves: Any) -> None:  # type: ignore[override]
+    # ``tune.with_parameters`` adds ``curves`` (a ``CurveServer``) and ``start`` (a
+    # ``StartLine``, the search's name and its number of trial workers) to Tune's
+    # ``setup(config)``. ``setup`` runs once per worker, ``reset_config`` for each
+    # later trial on it.
+    def setup(  # type: ignore[override]
+        self, config: dict[str, Any], curves: Any, start: tuple[Any, str, int]
+    ) -> None:
         self.curves = curves
         self.curve = ray.get(curves.curve.remote(config))
+        # Last, so that the search's workers all come up within a moment of each other.
+        line, search, workers = start
+        ray.get(line.arrive.remote(search, workers))
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self.curve = ray.get(self.curves.curve.remote(new_config))

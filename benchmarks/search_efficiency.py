@@ -83,14 +83,14 @@ COMPARED = ("cxrtune", "random", "random_asha", "tpe")
 PRIMARY, SECONDARY = TARGETS
 SHARE_GOAL = Goal("<=", 0.4)
 BEATS_GOAL = Goal(">=", 0.8)
-# Searches at once, each from its own driver process (``run_searches``), each with up to
-# four trials at a time. A replayed trial only reports, so it takes no CPU but one of
-# its driver's four slots (a custom resource): Tune reuses a search's actors best when
-# exactly as many trials fit as it runs at once, and more logical CPUs would have Ray
-# keep that many idle workers started. Starting a worker is most of a trial's cost.
+# Searches at once, each from its own driver process (``run_searches``), each with four
+# trials at a time. A replayed trial only reports, so it takes no CPU but one of its
+# driver's four slots (a custom resource): more logical CPUs would have Ray keep that
+# many idle workers started. Starting a worker is most of what a search costs: each
+# search starts exactly four (``StartLine``) and reuses them for all its trials.
 REPLAY_DRIVERS = int(os.environ.get("REPLAY_DRIVERS", "4"))
 REPLAY_CONCURRENCY = 4
-CURVE_SERVER, REPLAY_NAMESPACE = "replay-curves", "cxrtune-replay"
+CURVE_SERVER, START_LINE, REPLAY_NAMESPACE = "replay-curves", "replay-start", "cxrtune-replay"
 PLOT = Path(__file__).resolve().parent / "results" / "search_efficiency_anytime.png"
 
 
@@ -158,14 +158,17 @@ def run_variant(
 ) -> list[dict[str, Any]]:
     """One search until ``budget`` cost; every reported epoch in arrival order."""
     import optuna
+    import ray
     from ray import tune
 
     from benchmarks._replay import ReplayTrial
     from cxrtune.search.tuner import build_scheduler, build_searcher, trial_dirname
 
     # The trials keep no result files (below), so the result grid Tune builds at the
-    # end finds none: a warning per trial that says nothing here.
+    # end finds none: a warning per trial that says nothing here. Nor does the line on
+    # where the experiment state went, once per search.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     sampler, asha, overrides = VARIANTS[variant]
     config = replay_config(seed, overrides)
     searcher = build_searcher(config, "none")
@@ -204,23 +207,25 @@ def run_variant(
         def stop_all(self) -> bool:
             return timeline.spent >= budget
 
+    name = f"replay-{variant}-{uuid.uuid4().hex[:8]}"
+    start = (ray.get_actor(START_LINE, namespace=REPLAY_NAMESPACE), name, REPLAY_CONCURRENCY)
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(ReplayTrial, curves=curves),
+            tune.with_parameters(ReplayTrial, curves=curves, start=start),
             {"CPU": 0, replay_slot(driver): 1},
         ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=config.num_samples,
-            # As many as fit: Tune then keeps that many trials pending while their actors
-            # start, where a custom searcher otherwise gets one pending trial at a time.
+            # As many as fit, so that a trial the searcher adds finds a worker free:
+            # the one its predecessor left, reused (``reuse_actors``).
             max_concurrent_trials=REPLAY_CONCURRENCY,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=f"replay-{variant}-{uuid.uuid4().hex[:8]}",
+            name=name,
             storage_path=str(storage),
             stop=Budget(),
             callbacks=[timeline],
@@ -408,6 +413,8 @@ def plot_anytime(series: dict[str, list[list[tuple[float, float, float]]]], path
 def search_efficiency(settings: Settings) -> BenchmarkResult:
     import ray
 
+    from benchmarks._replay import StartLine
+
     table = read_table()
     fit = held_out_fit(table)
     surrogate = fit_surrogate(table)
@@ -424,14 +431,19 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     # Ray starts idle workers for each driver ahead of need; a replay's trial workers
     # are its own actors, so those would only take CPU from the searches.
     with scoped_environment(RAY_enable_worker_prestart="0"), private_ray(slots):
-        # Held here: the server lives as long as this handle, and the searches find it
-        # by name.
+        # Held here: the actors live as long as these handles, and the searches find
+        # them by name.
         server: Any = (
             ray.remote(num_cpus=0)(CurveServer)
             .options(name=CURVE_SERVER, namespace=REPLAY_NAMESPACE)
             .remote(surrogate)
         )
-        ray.get(server.__ray_ready__.remote())
+        line: Any = (
+            ray.remote(num_cpus=0)(StartLine)
+            .options(name=START_LINE, namespace=REPLAY_NAMESPACE)
+            .remote()
+        )
+        ray.get([server.__ray_ready__.remote(), line.__ray_ready__.remote()])
         timelines = run_searches(tasks, max(budgets), storage)
     series = {
         variant: [anytime(timelines[variant, seed]) for seed in seeds] for variant in variants

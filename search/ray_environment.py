@@ -32,3 +32,20 @@ def use_loopback_ray() -> None:
     """Keep a locally started Ray on 127.0.0.1; call before Ray is first imported."""
     for name, value in LOOPBACK_RAY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+
+
+def check_loopback_ray() -> None:
+    """Refuse to start a local Ray that would listen beyond loopback.
+
+    Ray reads ``LOOPBACK_RAY_ENVIRONMENT`` once, when it is first imported: imported
+    before ``use_loopback_ray``, it would bind every interface under the machine's
+    outward address, although the environment asks for loopback.
+    """
+    from ray._private import ray_constants
+
+    asked = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+    if asked and ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            "Ray was imported before use_loopback_ray() ran, so a local instance would "
+            "listen on every interface; call it before anything imports ray"
+        )

@@ -35,6 +35,7 @@ from cxrtune.analysis.storage import RemoteDir, driver_files_dir, is_remote, red
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.search.ray_environment import (
     QUIET_TUNE_ENVIRONMENT,
+    check_loopback_ray,
     use_loopback_ray,
 )
 from cxrtune.trainables.data import (
@@ -278,6 +279,7 @@ def start_ray(address: str | None, *, resources: Mapping[str, float] | None = No
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        check_loopback_ray()
         # "local": always a new private instance, never one already running on this machine.
         ray.init(
             address="local",

@@ -163,3 +163,35 @@ def test_a_search_process_ends_when_the_benchmark_that_started_it_is_gone() -> N
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, f"search process {child} outlived its parent"
         time.sleep(0.2)
+
+
+def test_the_start_line_holds_a_search_until_all_its_workers_arrive() -> None:
+    """Each search runs its trials four at a time from the start, on four workers only."""
+    import asyncio
+
+    from benchmarks._replay import StartLine
+
+    async def race() -> list[object]:
+        line = StartLine()
+        first = asyncio.ensure_future(line.arrive("search-a", 3))
+        second = asyncio.ensure_future(line.arrive("search-a", 3))
+        other = asyncio.ensure_future(line.arrive("search-b", 1))  # its own line
+        await asyncio.sleep(0.05)
+        held = [first.done(), second.done(), other.done()]
+        third = await line.arrive("search-a", 3)
+        return [held, await first, await second, third, await other]
+
+    held, *released = asyncio.run(race())
+    assert held == [False, False, True]
+    assert released == [True, True, True, True]
+
+
+def test_a_worker_whose_peers_never_come_starts_alone_after_the_time_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from benchmarks import _replay
+
+    monkeypatch.setattr(_replay, "START_TIMEOUT_S", 0.05)
+    assert asyncio.run(_replay.StartLine().arrive("search-a", 4)) is False
