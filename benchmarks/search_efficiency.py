@@ -26,7 +26,9 @@ process attached to one Ray instance, with one actor serving every trial's curve
 ``REPLAY_VARIANTS`` (comma-separated, ``random`` among them) the variants, among
 them one-change variants of the sweep defaults (``VARIANTS``).
 A PNG of the anytime curves (median running best primary objective over seeds)
-goes to ``benchmarks/results/search_efficiency_anytime.png`` (not for ``--quick``).
+goes to ``benchmarks/results/search_efficiency_anytime.png``, or
+``search_efficiency_anytime-variants.png`` for another selection of variants (not
+for ``--quick``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from benchmarks._harness import (
     Side,
     private_ray,
     register_benchmark,
+    scoped_environment,
 )
 from benchmarks._surrogate import TARGETS, Surrogate, fit_surrogate, held_out_fit, read_table
 from benchmarks.record_curves import MAX_EPOCHS
@@ -131,21 +132,6 @@ class CurveServer:
 
     def curve(self, config: dict[str, Any]) -> list[dict[str, Any]]:
         return replay_curve(config, self.surrogate)
-
-
-@contextmanager
-def scoped_environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block, then restore what was there."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def replay_slot(driver: int) -> str:
@@ -367,6 +353,18 @@ def share_to_reach(
     return 1.0, False
 
 
+def paired(candidate: list[float], defaults: list[float]) -> tuple[int, int, float]:
+    """Seeds where ``candidate``'s hypervolume beats the defaults', where it loses, and the
+    two-sided Wilcoxon signed-rank p-value of the pairs (1 when every pair ties)."""
+    from scipy.stats import wilcoxon
+
+    better = sum(c > d for c, d in zip(candidate, defaults, strict=True))
+    worse = sum(c < d for c, d in zip(candidate, defaults, strict=True))
+    if better + worse == 0:
+        return 0, 0, 1.0
+    return better, worse, float(wilcoxon(candidate, defaults, zero_method="zsplit").pvalue)
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     low, median, high = np.percentile(values, [25, 50, 75])
     return float(low), float(median), float(high)
@@ -453,6 +451,7 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
     for budget in budgets:
         random_best = [at_budget(run, budget)[0] for run in series["random"]]
         random_volume = [at_budget(run, budget)[1] for run in series["random"]]
+        defaults = [at_budget(run, budget)[1] for run in series.get("cxrtune", [])]
         for variant in variants:
             reached = [
                 share_to_reach(run, target, budget)
@@ -468,9 +467,19 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
                 "hypervolume_median": float(statistics.median(volumes)),
                 "beats_random": beats,
             }
+            against = ""
+            if variant in VARIANTS and VARIANTS[variant][2] and defaults:
+                better, worse, p_value = paired(volumes, defaults)
+                summary[f"{variant}@{budget}"]["against_defaults"] = {
+                    "better": better,
+                    "worse": worse,
+                    "wilcoxon_p": p_value,
+                }
+                against = f"  vs cxrtune: better {better}, worse {worse}, p {p_value:.2f}"
             print(
                 f"budget {budget:4d} {variant:<12} share {median:.2f} [{low:.2f}, {high:.2f}]"
-                f"  hypervolume {statistics.median(volumes):.3f}  beats random {beats:.0%}",
+                f"  hypervolume {statistics.median(volumes):.3f}  beats random {beats:.0%}"
+                f"{against}",
                 flush=True,
             )
             if variant == "random":
@@ -499,7 +508,9 @@ def search_efficiency(settings: Settings) -> BenchmarkResult:
                 )
             )
     # A smoke run's plot means nothing: it stays in the scratch folder.
-    plot = settings.workdir / PLOT.name if settings.quick else PLOT
+    # A selection of variants gets a plot of its own, next to the comparison's.
+    name = PLOT.name if variants == COMPARED else f"{PLOT.stem}-variants{PLOT.suffix}"
+    plot = settings.workdir / name if settings.quick else PLOT.with_name(name)
     plot_anytime(series, plot)
     return BenchmarkResult(
         rows=rows,

@@ -22,10 +22,7 @@ trial and changes no trial-epoch count.
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from benchmarks._harness import (
     Side,
     private_ray,
     register_benchmark,
+    scoped_environment,
 )
 from cxrtune.search.config import SweepConfig, load_sweep_config
 
@@ -62,20 +60,6 @@ def sweep_config(seed: int, max_epochs: int, images: int) -> SweepConfig:
             f"seed={seed}",
         ],
     )
-
-
-@contextmanager
-def cache_dir(path: Path) -> Iterator[None]:
-    """Point cxrtune's dataset cache at ``path`` for a while (never the user's cache)."""
-    previous = os.environ.get("CXRTUNE_CACHE_DIR")
-    os.environ["CXRTUNE_CACHE_DIR"] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["CXRTUNE_CACHE_DIR"]
-        else:
-            os.environ["CXRTUNE_CACHE_DIR"] = previous
 
 
 def run_search(
@@ -195,7 +179,15 @@ def search_efficiency_real(settings: Settings) -> BenchmarkResult:
     budget = random_trials * max_epochs
     storage = settings.workdir / "search"
     per_seed: list[dict[str, Any]] = []
-    with cache_dir(settings.workdir / "search-cache"), private_ray():
+    environment = {
+        # cxrtune's dataset cache, never the user's.
+        "CXRTUNE_CACHE_DIR": str(settings.workdir / "search-cache"),
+        # A reused worker waits this long for the trial ASHA stopped to end its epoch;
+        # Tune's 2 s is shorter than an epoch on a loaded machine, and the next trial
+        # would then fail. Read by the workers, so set before Ray starts them.
+        "TUNE_FUNCTION_THREAD_TIMEOUT_S": "600",
+    }
+    with scoped_environment(**environment), private_ray():
         for seed in seeds:
             config = sweep_config(seed, max_epochs, images=300 if settings.quick else 1200)
             data = prepare_data(config).trial_data(config.target_specificity)

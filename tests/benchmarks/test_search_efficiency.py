@@ -195,3 +195,15 @@ def test_a_worker_whose_peers_never_come_starts_alone_after_the_time_out(
 
     monkeypatch.setattr(_replay, "START_TIMEOUT_S", 0.05)
     assert asyncio.run(_replay.StartLine().arrive("search-a", 4)) is False
+
+
+def test_a_variant_is_compared_with_the_defaults_seed_by_seed() -> None:
+    from benchmarks.search_efficiency import paired
+
+    defaults = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, 0.2]
+    better, worse, p_value = paired([v + 0.05 for v in defaults], defaults)
+    assert (better, worse) == (8, 0)
+    assert p_value < 0.01  # eight wins of eight
+    assert paired(defaults, defaults) == (0, 0, 1.0)
+    mixed = paired([0.6, 0.5, 0.8, 0.7], [0.5, 0.6, 0.7, 0.8])
+    assert mixed[:2] == (2, 2) and mixed[2] > 0.5
