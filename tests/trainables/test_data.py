@@ -195,6 +195,28 @@ def test_a_16_bit_image_is_stretched_by_lookup_exactly_as_by_the_float_formula()
     assert not _stretch_to_8_bits(np.full((3, 3), 7, dtype=np.uint16)).any()
 
 
+@pytest.mark.parametrize(
+    ("name", "mode"), [("sixteen.png", "I;16"), ("sixteen big-endian.tif", "I;16B")]
+)
+def test_a_16_bit_file_of_either_byte_order_is_stretched_to_the_float_formula_pixels(
+    tmp_path: Path, name: str, mode: str
+) -> None:
+    """A 16-bit PNG (Pillow's I;16) and a big-endian 16-bit TIFF (I;16B) read alike."""
+    from cxrtune.trainables.data import read_gray
+
+    values = np.random.default_rng(1).integers(300, 4000, (40, 30)).astype(np.uint16)
+    path = tmp_path / name
+    Image.frombytes("I;16B", (30, 40), values.astype(">u2").tobytes()).save(path)
+    low, high = float(values.min()), float(values.max())
+    expected = np.rint((values - low) / (high - low) * 255.0).astype(np.uint8)
+    gray, source_mode = read_gray(path)
+    assert source_mode == mode
+    assert gray.mode == "L" and np.array_equal(np.asarray(gray), expected)
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((5, 4), 900, dtype=np.uint16)).save(flat)
+    assert not np.asarray(read_gray(flat)[0]).any()
+
+
 def test_readable_images_are_compacted_in_place_in_their_order() -> None:
     """Performance item: no second copy of the decoded array when some files failed."""
     from cxrtune.trainables.data import _compact
