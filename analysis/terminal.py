@@ -11,6 +11,7 @@ import math
 import shlex
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
@@ -19,7 +20,13 @@ from rich.table import Table
 from cxrtune.analysis.leaderboard import Leaderboard, first_line
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES
 
-__all__ = ["TERMINAL_WIDTH", "compact_table", "next_commands", "print_leaderboard"]
+__all__ = [
+    "TERMINAL_WIDTH",
+    "compact_table",
+    "cxrtune_program",
+    "next_commands",
+    "print_leaderboard",
+]
 
 TERMINAL_WIDTH = 120
 # Column -> heading; val objectives not named here are shown under their own key.
@@ -102,11 +109,27 @@ def print_leaderboard(
             console.print("  " + textwrap.shorten(message, console.width - 2), markup=False)
 
 
-def next_commands(experiment_dir: str, experiment_name: str) -> list[str]:
-    """What to run after the leaderboard, with the real experiment path, quoted for a shell."""
+def next_commands(experiment_dir: str, experiment_name: str, program: str = "cxrtune") -> list[str]:
+    """What to run after the leaderboard, with the real experiment path, quoted for a shell.
+
+    ``program``: how the user's shell calls cxrtune (``cxrtune_program``).
+    """
     model = f"models/{experiment_name}-rank1"
     return [
-        f"cxrtune report {shlex.quote(experiment_dir)}",
-        f"cxrtune export {shlex.quote(experiment_dir)} --rank 1 --out {shlex.quote(model)}",
-        f"cxrtune predict {shlex.quote(model)} YOUR_IMAGES/ --csv predictions.csv",
+        f"{program} report {shlex.quote(experiment_dir)}",
+        f"{program} export {shlex.quote(experiment_dir)} --rank 1 --out {shlex.quote(model)}",
+        f"{program} predict {shlex.quote(model)} YOUR_IMAGES/ --csv predictions.csv",
     ]
+
+
+def cxrtune_program(called_as: str, on_path: str | None) -> str:
+    """How to call cxrtune again from the shell that called it as ``called_as`` (``argv[0]``).
+
+    The bare name when ``PATH`` finds that same executable (``on_path``, from
+    ``shutil.which``); otherwise its path as it was called: ``make demo`` runs
+    ``.venv/bin/cxrtune``, which a shell without the venv activated would not find.
+    """
+    called = Path(called_as)
+    if called.name != "cxrtune" or (on_path and Path(on_path).resolve() == called.resolve()):
+        return "cxrtune"
+    return shlex.quote(called_as)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -372,11 +373,12 @@ def print_leaderboard_table(leaderboard: Leaderboard, *, top: int | None, wide: 
 
 def print_next_commands(experiment_dir: str) -> None:
     from cxrtune.analysis.storage import redacted
-    from cxrtune.analysis.terminal import next_commands
+    from cxrtune.analysis.terminal import cxrtune_program, next_commands
 
     name = experiment_dir.rstrip("/").rsplit("/", 1)[-1]
+    program = cxrtune_program(sys.argv[0], shutil.which("cxrtune"))
     print("\nNext:")
-    for command in next_commands(redacted(experiment_dir), name):
+    for command in next_commands(redacted(experiment_dir), name, program):
         print(f"  {command}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,22 @@ def test_next_commands_quote_paths_with_spaces_and_hashes() -> None:
     assert commands[0] == "cxrtune report '/scans/ward #2/results/quick'"
     assert "--rank 1 --out models/quick-rank1" in commands[1]
     assert commands[2].startswith("cxrtune predict models/quick-rank1 ")
+
+
+def test_the_next_commands_call_cxrtune_as_the_shell_can(tmp_path: Path) -> None:
+    """After ``make demo`` (``.venv/bin/cxrtune``, no venv active) the path; else the name."""
+    from cxrtune.analysis.terminal import cxrtune_program
+
+    venv = tmp_path / "my scans" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "cxrtune").touch()
+    called = str(venv / "cxrtune")
+    assert cxrtune_program(called, None) == shlex.quote(called)
+    assert cxrtune_program(".venv/bin/cxrtune", "/usr/bin/cxrtune") == ".venv/bin/cxrtune"
+    assert cxrtune_program(called, called) == "cxrtune"  # PATH finds this one
+    assert cxrtune_program("/src/search/cli.py", None) == "cxrtune"  # python -m ...
+    commands = next_commands("results/quick", "quick", ".venv/bin/cxrtune")
+    assert all(command.startswith(".venv/bin/cxrtune ") for command in commands)
 
 
 def test_the_leaderboard_command_prints_the_compact_table_then_the_next_commands(
