@@ -20,11 +20,11 @@ def journal_trials(journal: Path) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
-# Seen once, not understood: in the whole suite's order (`make test`), and only there,
-# pickling the nsga2 searcher failed with "cannot pickle '_thread.lock' object". It passes
-# on its own, after any one of the test files that run before it, and (since) after all
-# of them in the suite's order with the mark off (`--runxfail`). Kept non-strict until the
-# cause is found: an unexpected pass is reported, not failed.
+# Known failure, not understood: in `make test`, and only there, pickling the nsga2
+# searcher fails with "cannot pickle '_thread.lock' object". It passes on its own, after
+# any one of the test files that run before it, and even after all of them in the same
+# order run as `pytest tests/analysis tests/benchmarks tests/e2e tests/search --runxfail`.
+# Non-strict, so that the day it passes is reported rather than failed.
 NSGA2_IN_FULL_SUITE = pytest.mark.xfail(
     reason="pickling the nsga2 searcher fails in the full suite's order only (cause open)",
     raises=TypeError,
