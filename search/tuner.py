@@ -139,7 +139,9 @@ def build_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
     import optuna
 
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=config.seed)
+        from cxrtune.search.samplers import NSGAIISampler
+
+        return NSGAIISampler(seed=config.seed)
     with warnings.catch_warnings():
         # multivariate, group and constant_liar are marked experimental.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
