@@ -15,9 +15,10 @@ import optuna
 
 __all__ = ["NSGAIISampler"]
 
-_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
-# Stands in a pickle for a lock, which is made afresh on the way back.
-_A_LOCK = "<cxrtune: a threading.Lock made afresh on unpickling>"
+# A lock in a pickle: the name of the kind, made afresh on the way back.
+_LOCKS = {type(threading.Lock()): "threading.Lock", type(threading.RLock()): "threading.RLock"}
+_NEW_LOCK = {"threading.Lock": threading.Lock, "threading.RLock": threading.RLock}
+_MARK = "<cxrtune: made afresh on unpickling> "
 
 
 class NSGAIISampler(optuna.samplers.NSGAIISampler):
@@ -25,11 +26,18 @@ class NSGAIISampler(optuna.samplers.NSGAIISampler):
 
     def __getstate__(self) -> dict[str, Any]:
         return {
-            name: _A_LOCK if isinstance(value, _LOCK_TYPES) else value
+            name: _MARK + _LOCKS[type(value)] if type(value) in _LOCKS else value
             for name, value in vars(self).items()
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(
-            {name: threading.Lock() if value == _A_LOCK else value for name, value in state.items()}
+            {
+                name: (
+                    _NEW_LOCK[value.removeprefix(_MARK)]()
+                    if isinstance(value, str) and value.startswith(_MARK)
+                    else value
+                )
+                for name, value in state.items()
+            }
         )

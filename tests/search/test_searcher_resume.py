@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 from pathlib import Path
 
 import optuna
@@ -85,3 +86,8 @@ def test_the_nsga2_sampler_survives_a_pickle_round_trip_and_keeps_sampling() -> 
     study.optimize(lambda trial: (trial.suggest_float("x", 0, 1), 1.0), n_trials=10)
     assert len(study.trials) == 10  # past the first generation: the sampler's own path ran
     assert pickle.loads(pickle.dumps(study.sampler)) is not None
+    # Each lock comes back as a fresh lock of its own kind, re-entrant or not.
+    sampler.reentrant = threading.RLock()
+    restored = pickle.loads(pickle.dumps(sampler))
+    with restored.reentrant, restored.reentrant:
+        pass
