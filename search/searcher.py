@@ -116,14 +116,21 @@ class StudySearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         import optuna
 
-        if self.unclaimed:
+        while self.unclaimed:
             number = self.unclaimed.pop(0)
             (frozen,) = [t for t in self.study.get_trials(deepcopy=False) if t.number == number]
             trial: Any = optuna.trial.FixedTrial(frozen.params, number)
+            try:
+                held = self.space(trial)
+                break
+            except ValueError:
+                # A parameter is missing: the driver was killed while sampling them. The
+                # trial never ran, so it is closed, and the next one handed over or asked.
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
         else:
             trial = self.study.ask()
             number = trial.number
-        held = self.space(trial)
+            held = self.space(trial)
         config = {**trial.params, **held}
         self._set_user_attr(number, RAY_TRIAL_ID_ATTR, trial_id)
         self.trial_numbers[trial_id] = number

@@ -59,6 +59,28 @@ def test_a_restored_searcher_reuses_trials_asked_after_the_snapshot_and_tells_no
     assert fresh is not None and fresh != orphan
 
 
+def test_a_trial_asked_for_but_not_yet_sampled_when_the_driver_died_is_closed_not_reused(
+    tmp_path: Path,
+) -> None:
+    config = load_sweep_config(None, ["families=[baseline_cnn, regularized_cnn]", "space=quick"])
+    journal = tmp_path / OPTUNA_JOURNAL
+    searcher = build_searcher(config, "none", journal)
+    as_started = pickle.dumps(searcher)
+    searcher.suggest("ray-a")
+    snapshot = tmp_path / "searcher-state.pkl"
+    searcher.save(str(snapshot))
+    searcher.study.ask()  # killed after the ask, before the space sampled a parameter
+
+    restored = pickle.loads(as_started)
+    restored.restore(str(snapshot))
+    config_b = restored.suggest("ray-b")
+
+    assert config_b is not None and config_b["family"] in ("baseline_cnn", "regularized_cnn")
+    trials = journal_trials(journal)
+    assert [trial.state.name for trial in trials] == ["RUNNING", "FAIL", "RUNNING"]
+    assert trials[2].user_attrs[RAY_TRIAL_ID_ATTR] == "ray-b"
+
+
 @pytest.mark.parametrize("objectives", ["[val_macro_auc]", "[val_covid_recall, val_macro_auc]"])
 def test_a_trial_that_ended_on_its_own_failure_is_a_failed_optuna_trial(
     tmp_path: Path, objectives: str
