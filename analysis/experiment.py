@@ -11,11 +11,14 @@ Layout, under ``storage_path/<experiment name>/``:
   leaves it behind when a retry recovered the trial, which then reported again); a
   trial that failed on its own instead ends ``result.json`` with a row holding its
   error (``trial_error``);
+- ``optuna_study.journal``: the sweep's Optuna study;
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
 
 The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``):
 ``local_experiment_dir`` mirrors what the analysis reads into a local folder and
-uploads what it writes there back.
+uploads what it writes there back. There the journal is uploaded as it grows, in
+segments (``optuna_journal``), and compacted into one whole ``optuna_study.journal``
+when the sweep ends; the mirror always holds it as one file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from cxrtune.analysis.storage import RemoteDir, RemoteFile, is_remote, mirror_dir, redacted
+from cxrtune.analysis.storage import (
+    AppendedFile,
+    RemoteDir,
+    RemoteFile,
+    is_remote,
+    mirror_dir,
+    redacted,
+)
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 
 SWEEP_FILE = "sweep.yaml"
@@ -46,22 +56,30 @@ RESULTS_FILE = "result.json"
 ERROR_FILE = "error.txt"
 # The sweep's Optuna study, as an Optuna journal file: `optuna-dashboard <file>` shows it.
 OPTUNA_JOURNAL = "optuna_study.journal"
+# In a remote experiment dir, the journal's appended bytes not yet in OPTUNA_JOURNAL:
+# one object per upload, named by its byte offset (see ``optuna_journal``).
+OPTUNA_JOURNAL_SEGMENTS = "optuna_study.journal.segments"
 OPTUNA_STUDY_NAME = "cxrtune"
 # A trial's val and test predictions, cached by the leaderboard so it evaluates once.
 EVALUATION_FILE = "evaluation.json"
 # What the analysis reads of a remote experiment dir besides each trial's chosen
-# checkpoint: cxrtune's own files at the top and the small files of each trial folder.
+# checkpoint and the Optuna journal: cxrtune's own files at the top and the small files
+# of each trial folder.
 MIRRORED_TOP_LEVEL_FILES = (
     SWEEP_FILE,
     DATASET_FILE,
     SPLITS_FILE,
     INGEST_REPORT_JSON,
     INGEST_REPORT_TEXT,
-    OPTUNA_JOURNAL,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
 )
 MIRRORED_TRIAL_FILES = (PARAMS_FILE, RESULTS_FILE, ERROR_FILE, EVALUATION_FILE)
+
+
+def optuna_journal(experiment: RemoteDir) -> AppendedFile:
+    """The Optuna journal of the remote ``experiment``: a whole copy and/or segments."""
+    return AppendedFile(experiment, whole=OPTUNA_JOURNAL, segments=OPTUNA_JOURNAL_SEGMENTS)
 
 
 class ExperimentError(ValueError):
@@ -243,6 +261,8 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
             local.unlink()
     mirrored = [remote for remote in remote_files.values() if _is_mirrored(remote)]
     _download_missing(experiment, mirror, mirrored)
+    # Joined from its segments while the sweep runs (or if it died before compacting).
+    optuna_journal(experiment).fetch(remote_files.values(), mirror)
 
     read = read_experiment(mirror)
     metric = str(read.sweep.get("scheduler_metric", "val_macro_auc"))

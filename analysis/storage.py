@@ -14,6 +14,12 @@ The endpoint of an S3-compatible store (MinIO, on-prem) is pyarrow's: the
 (with ``&scheme=http`` for plain HTTP) on the URI. Credentials come from the usual
 AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an
 instance role) on every node.
+
+An append-only file (the sweep's Optuna journal) cannot be appended to on object
+storage, and uploading it whole after every change costs bytes quadratic in its
+length. ``AppendedFile`` keeps it remote as its appended parts instead: a whole copy
+of its start, if any, and one segment object per upload holding only the bytes
+appended since the one before; ``AppendedFile.fetch`` joins them back into one file.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import pyarrow.fs
 
 __all__ = [
     "REDACTED_KEYS",
+    "AppendUpload",
+    "AppendedFile",
     "RemoteDir",
     "RemoteFile",
     "StorageError",
@@ -42,6 +50,7 @@ __all__ = [
     "mirror_dir",
     "redacted",
     "remote_cache_dir",
+    "segment_name",
     "unsafe_path_reason",
 ]
 
@@ -56,6 +65,11 @@ CHECKLIST = (
     "endpoint is reachable (AWS_ENDPOINT_URL or ?endpoint_override= on the URI for "
     "MinIO and other S3-compatible stores)"
 )
+
+
+# A segment of an appended file is named by its first byte's offset in the file, zero-padded
+# to this many digits so that names sort as the offsets do (any size below 10**20 bytes).
+SEGMENT_NAME_DIGITS = 20
 
 
 class StorageError(ValueError):
@@ -253,6 +267,35 @@ class RemoteDir:
                 use_threads=False,
             )
 
+    def upload_bytes(self, data: bytes, relative_path: str, source: Path) -> None:
+        """Write ``data`` (read from ``source``, named in errors) to ``relative_path`` here.
+
+        Given whole rather than streamed from ``source``, so a failed read can never
+        leave a partial object behind: an object appears whole or not at all.
+        """
+        path = f"{self.path}/{relative_path}"
+        with (
+            self._reporting(f"upload {source} to"),
+            self.filesystem.open_output_stream(path) as out,
+        ):
+            out.write(data)
+
+    def read_bytes(self, relative_path: str) -> bytes:
+        """The content of the file ``relative_path`` here."""
+        path = f"{self.path}/{relative_path}"
+        with (
+            self._reporting(f"download {relative_path} from"),
+            self.filesystem.open_input_stream(path) as stream,
+        ):
+            return bytes(stream.read())
+
+    def delete_folder(self, relative_path: str) -> None:
+        """Delete the folder ``relative_path`` here with everything in it; a missing one is fine."""
+        path = f"{self.path}/{relative_path}"
+        with self._reporting(f"delete {relative_path} in"):
+            if self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+                self.filesystem.delete_dir(path)
+
     def upload_files(self, local_dir: Path, relative_paths: Iterable[str]) -> None:
         """Copy the given files of ``local_dir`` to the same relative paths here."""
         for relative_path in relative_paths:
@@ -289,14 +332,163 @@ class RemoteDir:
         )
 
 
+def segment_name(offset: int) -> str:
+    """The name of the segment that starts at byte ``offset`` of an appended file."""
+    return f"{offset:0{SEGMENT_NAME_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class AppendedFile:
+    """An append-only file kept in the remote folder ``folder`` as its appended parts.
+
+    Its parts are a whole copy of its first bytes at ``whole`` (left by ``compact``, or
+    by a sweep that uploaded the file whole), then segments in the folder ``segments``,
+    each named by the offset of its first byte (``segment_name``) and ending at a line
+    end. Parts may overlap, as when a reader lists the folder between ``compact``
+    writing the whole copy and deleting the segments; the file is the whole copy
+    followed by what each segment adds beyond the bytes before it.
+    """
+
+    folder: RemoteDir
+    whole: str  # relative path of the whole copy, also the local file ``fetch`` writes
+    segments: str  # relative path of the folder of segments
+
+    def parts(self, files: Iterable[RemoteFile]) -> list[tuple[int, RemoteFile]]:
+        """The whole copy (at offset 0) and the segments among ``files``, in file order.
+
+        A file in the segments folder whose name is not an offset is a ``StorageError``.
+        """
+        whole: list[tuple[int, RemoteFile]] = []
+        segments = []
+        prefix = self.segments + "/"
+        for remote in files:
+            if remote.relative_path == self.whole:
+                whole.append((0, remote))
+            elif remote.relative_path.startswith(prefix):
+                name = remote.relative_path.removeprefix(prefix)
+                if not (name.isdigit() and len(name) == SEGMENT_NAME_DIGITS):
+                    raise StorageError(
+                        f"{joined(self.folder.uri, remote.relative_path)}: not a segment of "
+                        f"{self.whole} (a segment is named by its {SEGMENT_NAME_DIGITS}-digit "
+                        "byte offset)"
+                    )
+                segments.append((int(name), remote))
+        return whole + sorted(segments, key=lambda part: part[0])
+
+    def length(self, files: Iterable[RemoteFile]) -> int:
+        """How many bytes of the file the parts among ``files`` hold, from the listing alone."""
+        length = 0
+        for offset, remote in self.parts(files):
+            self._check_joins(offset, length)
+            length = max(length, offset + remote.size)
+        return length
+
+    def fetch(self, files: Iterable[RemoteFile], local_dir: Path) -> bool:
+        """Write the file its parts among ``files`` make to ``local_dir / whole``.
+
+        False, and nothing written, when there are no parts. A lone whole copy is
+        downloaded only if the local one is not current; parts are joined into a
+        ``.partial`` file first, so the local file is replaced whole or not at all.
+        A gap between parts (a segment missing) is a ``StorageError`` naming the bytes.
+        """
+        parts = self.parts(files)
+        if not parts:
+            return False
+        if [remote.relative_path for _, remote in parts] == [self.whole]:
+            if not self.folder.is_current(parts[0][1], local_dir):
+                self.folder.download(parts[0][1], local_dir)
+            return True
+        target = local_dir / self.whole
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        length = 0
+        with partial.open("wb") as joined_file:
+            for offset, remote in parts:
+                self._check_joins(offset, length)
+                if offset + remote.size <= length:
+                    continue  # already held by the parts before (a compaction's leftovers)
+                data = self.folder.read_bytes(remote.relative_path)
+                joined_file.write(data[length - offset :])
+                length = offset + len(data)
+        partial.replace(target)
+        return True
+
+    def _check_joins(self, offset: int, length: int) -> None:
+        if offset > length:
+            raise StorageError(
+                f"{joined(self.folder.uri, self.segments)}: bytes {length} to {offset - 1} "
+                f"of {self.whole} are missing (no segment {segment_name(length)})"
+            )
+
+
+class AppendUpload:
+    """Uploads a growing local file to an ``AppendedFile``, each byte once.
+
+    ``upload_appended`` sends the lines appended since the last upload as one new
+    segment; ``compact`` replaces the parts with one whole copy. A failed upload raises
+    ``StorageError`` and leaves ``uploaded`` as it was, so the next one carries its
+    bytes. Only whole lines go up: a line still being written waits for the next upload.
+    """
+
+    def __init__(self, local_file: Path, remote: AppendedFile) -> None:
+        self.local_file = local_file
+        self.remote = remote
+        self.uploaded = 0  # bytes of the local file the remote parts hold
+
+    def resume(self) -> None:
+        """Take ``uploaded`` from the remote parts, for a local file a remote copy exists of.
+
+        When they hold more than the local file (it is not the file they were made from),
+        the parts are replaced by a whole copy of the local file.
+        """
+        length = self.remote.length(self.remote.folder.files())
+        if length > self._size():
+            self.compact()
+        else:
+            self.uploaded = length
+
+    def upload_appended(self) -> int:
+        """Upload the whole lines appended since the last upload; the bytes sent (0: none)."""
+        data = self._lines(self.uploaded)
+        if data:
+            segment = f"{self.remote.segments}/{segment_name(self.uploaded)}"
+            self.remote.folder.upload_bytes(data, segment, self.local_file)
+            self.uploaded += len(data)
+        return len(data)
+
+    def compact(self) -> int:
+        """Upload the file's whole lines as the whole copy, then delete the segments.
+
+        Readers see the same file between the two steps and if the deletion fails. The
+        bytes sent are returned.
+        """
+        data = self._lines(0)
+        self.remote.folder.upload_bytes(data, self.remote.whole, self.local_file)
+        self.uploaded = len(data)
+        self.remote.folder.delete_folder(self.remote.segments)
+        return len(data)
+
+    def _size(self) -> int:
+        return self.local_file.stat().st_size if self.local_file.exists() else 0
+
+    def _lines(self, start: int) -> bytes:
+        """The local file from byte ``start`` up to and with its last line end."""
+        if not self.local_file.exists():
+            return b""
+        with self.local_file.open("rb") as source:
+            source.seek(start)
+            data = source.read()
+        return data[: data.rfind(b"\n") + 1]
+
+
 def driver_files_dir(experiment: RemoteDir) -> Path:
     """Where a sweep's driver keeps its own files of the remote experiment dir ``experiment``.
 
     The files the sweep writes before its trials (``sweep.yaml``, ``splits.csv``, ...)
     are written here and uploaded; the Optuna journal lives here, since an append-only
-    file cannot live on object storage, and a copy is uploaded as the sweep goes. The
-    folder is the same for every command on this machine that names the same URI, so a
-    resumed sweep finds the journal again.
+    file cannot live on object storage, and what is appended to it is uploaded as the
+    sweep goes (``AppendUpload``). The folder is the same for every command on this
+    machine that names the same URI, so a resumed sweep finds the journal again.
     """
     return remote_cache_dir(experiment.uri) / "driver"
 

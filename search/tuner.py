@@ -10,6 +10,8 @@ TensorBoard event files in every trial folder, and, when the sweep names an
 from __future__ import annotations
 
 import logging
+import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,15 @@ from ray.tune import PlacementGroupFactory
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME
+from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME, optuna_journal
 from cxrtune.analysis.mlflow_export import credentials_to_environment
-from cxrtune.analysis.storage import RemoteDir, StorageError, driver_files_dir, is_remote
+from cxrtune.analysis.storage import (
+    AppendUpload,
+    RemoteDir,
+    StorageError,
+    driver_files_dir,
+    is_remote,
+)
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
@@ -213,24 +221,47 @@ def mlflow_callback(tracking_uri: str, experiment_name: str) -> tune.Callback:
     )
 
 
+# How long new lines of the Optuna journal may wait on the driver before they go up to
+# an s3:// experiment dir, in seconds. It bounds what losing the driver machine costs
+# the remote copy (the study's records of the last minute) and, with one object per
+# upload, how many segments a reader joins (at most 1,440 for a day-long sweep).
+JOURNAL_UPLOAD_INTERVAL_S = 60.0
+
+
 class JournalUpload(tune.Callback):
-    """Copies the Optuna journal from the driver's disk to a remote experiment dir.
+    """Uploads the Optuna journal from the driver's disk to a remote experiment dir.
 
     An append-only journal cannot live on object storage, so the study is kept in
-    ``driver_files_dir`` and a whole copy goes up when the sweep starts, after each
-    trial ends and when the sweep ends. A failed upload is a warning: the sweep goes
-    on, the next upload carries everything, and the local journal stays complete.
+    ``driver_files_dir`` and only the lines appended since the last upload go up, as a
+    new segment (``optuna_journal``): when the sweep starts, at most every
+    ``interval_s`` seconds while it runs, at once when a trial errors, and when the
+    sweep ends, which also compacts the segments into one whole journal. Each byte
+    goes up once (twice with the compaction), so the bytes sent grow linearly with the
+    trials. A failed upload is a warning: the sweep goes on, the next upload carries
+    its bytes, and the local journal stays complete.
     """
 
-    def __init__(self, journal: Path, experiment: RemoteDir) -> None:
+    def __init__(
+        self,
+        journal: Path,
+        experiment: RemoteDir,
+        interval_s: float = JOURNAL_UPLOAD_INTERVAL_S,
+    ) -> None:
         self.journal = journal
-        self.experiment = experiment
+        self.interval_s = interval_s
+        self.appended = AppendUpload(journal, optuna_journal(experiment))
+        self.last_try = -math.inf  # time.monotonic() of the last upload tried
 
     def upload(self) -> None:
+        self.last_try = time.monotonic()
         try:
-            self.experiment.upload(self.journal, OPTUNA_JOURNAL)
+            self.appended.upload_appended()
         except StorageError as error:
             logger.warning("%s (the study is kept in %s)", error, self.journal)
+
+    def upload_if_due(self) -> None:
+        if time.monotonic() - self.last_try >= self.interval_s:
+            self.upload()
 
     def setup(
         self,
@@ -239,16 +270,28 @@ class JournalUpload(tune.Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
+        try:
+            self.appended.resume()
+        except StorageError as error:
+            logger.warning("%s (the study is kept in %s)", error, self.journal)
         self.upload()
 
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.upload_if_due()
+
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.upload()
+        self.upload_if_due()
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.upload()
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.upload()
+        self.upload()  # the last lines go up even if the compaction below fails
+        try:
+            self.appended.compact()
+        except StorageError as error:
+            # Whatever the compaction left, readers join the same journal from it.
+            logger.warning("%s (the study is kept in %s)", error, self.journal)
 
 
 def build_trainable(

@@ -8,14 +8,17 @@ import pytest
 
 from cxrtune.analysis.experiment import (
     MIRRORED_TRIAL_FILES,
+    OPTUNA_JOURNAL,
+    OPTUNA_JOURNAL_SEGMENTS,
     DatasetInfo,
     ExperimentError,
     local_experiment_dir,
+    optuna_journal,
     read_experiment,
     read_trial,
 )
 from cxrtune.analysis.leaderboard import EVALUATION_FILE
-from cxrtune.analysis.storage import RemoteDir, mirror_dir
+from cxrtune.analysis.storage import AppendUpload, RemoteDir, mirror_dir
 
 # The files the analysis needs, as a fake experiment below lays them out.
 NEEDED = {
@@ -150,6 +153,36 @@ def test_the_mirror_follows_the_store_when_it_changes(
         assert "t1_baseline_cnn/checkpoint_000003/checkpoint.pt" in files
         assert not [path for path in files if path.startswith("t2_vgg16/")]
         assert len(read_experiment(directory).trials[0].results) == 4
+
+
+def test_the_mirror_joins_a_journal_left_in_segments_and_follows_its_compaction(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    """A sweep that is running, or whose driver died, has its journal in segments."""
+    local = tmp_path / "written" / "exp-1"
+    write_fake_experiment(local)
+    journal = local / OPTUNA_JOURNAL
+    journal.unlink()
+    files = [path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()]
+    experiment = RemoteDir.open(f"{s3_bucket}/results/exp-1")
+    experiment.upload_files(local, files)
+    upload = AppendUpload(journal, optuna_journal(experiment))
+    for line in ('{"op_code": 0}\n', '{"op_code": 4}\n', '{"op_code": 5}\n'):
+        with journal.open("a") as appending:
+            appending.write(line)
+        upload.upload_appended()
+
+    with local_experiment_dir(experiment.uri) as directory:
+        assert local_files(directory) == NEEDED
+        assert (directory / OPTUNA_JOURNAL).read_bytes() == journal.read_bytes()
+    with journal.open("a") as appending:
+        appending.write('{"op_code": 6}\n')
+    upload.compact()
+    with local_experiment_dir(experiment.uri) as directory:
+        assert (directory / OPTUNA_JOURNAL).read_bytes() == journal.read_bytes()
+    assert OPTUNA_JOURNAL_SEGMENTS not in {
+        file.relative_path.split("/")[0] for file in experiment.files()
+    }
 
 
 def test_the_mirror_fetches_the_latest_tied_checkpoint_the_store_still_has_item_2(

@@ -10,6 +10,8 @@ import moto.settings
 import pytest
 
 from cxrtune.analysis.storage import (
+    AppendedFile,
+    AppendUpload,
     RemoteDir,
     StorageError,
     driver_files_dir,
@@ -19,6 +21,7 @@ from cxrtune.analysis.storage import (
     mirror_dir,
     redacted,
     remote_cache_dir,
+    segment_name,
 )
 from tests.s3 import S3Server
 
@@ -195,3 +198,71 @@ def test_a_bucket_key_that_would_leave_the_local_copy_is_refused_naming_it(
         assert f"{bucket}/exp/{crafted}" in capsys.readouterr().err
     cache = Path(os.environ["CXRTUNE_CACHE_DIR"])
     assert not list(cache.parent.rglob("escaped.json")) and not Path("/escaped.json").exists()
+
+
+def appended_file(s3_bucket: str) -> AppendedFile:
+    return AppendedFile(RemoteDir.open(f"{s3_bucket}/exp"), whole="log", segments="log.parts")
+
+
+def test_only_the_appended_whole_lines_go_up_each_as_a_segment_named_by_its_offset(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    local = tmp_path / "log"
+    remote = appended_file(s3_bucket)
+    upload = AppendUpload(local, remote)
+    local.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')  # the last line is still being written
+    assert upload.upload_appended() == 18
+    with local.open("ab") as log:
+        log.write(b'3}\n{"d": 4}\n')
+    assert upload.upload_appended() == len(b'{"c": 3}\n{"d": 4}\n')
+    assert upload.upload_appended() == 0  # nothing new: nothing sent
+
+    listed = remote.folder.files()
+    assert [(file.relative_path, file.size) for file in listed] == [
+        (f"log.parts/{segment_name(0)}", 18),
+        (f"log.parts/{segment_name(18)}", 18),
+    ]
+    assert segment_name(18) == "00000000000000000018"
+    assert remote.length(listed) == local.stat().st_size == 36
+    assert remote.fetch(listed, tmp_path / "reader")
+    assert (tmp_path / "reader" / "log").read_bytes() == local.read_bytes()
+
+
+def test_a_compacted_file_with_segments_after_it_reads_whole(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    """A resumed upload continues after the whole copy an earlier one compacted."""
+    local = tmp_path / "log"
+    remote = appended_file(s3_bucket)
+    local.write_bytes(b"1\n2\n")
+    assert AppendUpload(local, remote).compact() == 4
+    with local.open("ab") as log:
+        log.write(b"3\n")
+    resumed = AppendUpload(local, remote)
+    resumed.resume()
+    assert resumed.uploaded == 4
+    assert resumed.upload_appended() == 2
+    listed = remote.folder.files()
+    assert {file.relative_path for file in listed} == {"log", f"log.parts/{segment_name(4)}"}
+    assert remote.fetch(listed, tmp_path / "reader")
+    assert (tmp_path / "reader" / "log").read_bytes() == b"1\n2\n3\n"
+
+
+def test_a_missing_segment_is_an_error_naming_the_bytes(s3_bucket: str, tmp_path: Path) -> None:
+    local = tmp_path / "log"
+    remote = appended_file(s3_bucket)
+    upload = AppendUpload(local, remote)
+    for line in (b"1\n", b"2\n", b"3\n"):
+        with local.open("ab") as log:
+            log.write(line)
+        upload.upload_appended()
+    remote.folder.filesystem.delete_file(f"{remote.folder.path}/log.parts/{segment_name(2)}")
+    with pytest.raises(StorageError, match=f"bytes 2 to 3 of log are missing.*{segment_name(2)}"):
+        remote.fetch(remote.folder.files(), tmp_path / "reader")
+    assert not (tmp_path / "reader" / "log").exists()
+
+
+def test_no_parts_is_no_file(s3_bucket: str, tmp_path: Path) -> None:
+    remote = appended_file(s3_bucket)
+    assert not remote.fetch([], tmp_path)
+    assert remote.length([]) == 0

@@ -16,6 +16,7 @@ from cxrtune.analysis.experiment import (
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
     OPTUNA_JOURNAL,
+    OPTUNA_JOURNAL_SEGMENTS,
     OPTUNA_STUDY_NAME,
 )
 from cxrtune.analysis.leaderboard import EVALUATION_FILE
@@ -76,6 +77,8 @@ def test_a_sweep_on_s3_keeps_everything_there_and_the_leaderboard_reads_it_back(
     for name in ("sweep.yaml", "dataset.json", "splits.csv", "ingest_report.txt", LEADERBOARD_CSV):
         assert name in files
 
+    # Uploaded in segments as it grew, then compacted into one file optuna-dashboard opens.
+    assert not [path for path in files if path.startswith(OPTUNA_JOURNAL_SEGMENTS)]
     journal = tmp_path / OPTUNA_JOURNAL
     journal.write_text(read_remote_text(experiment, OPTUNA_JOURNAL))
     study = optuna.load_study(study_name=OPTUNA_STUDY_NAME, storage=journal_storage(journal))
