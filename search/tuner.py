@@ -33,6 +33,7 @@ from cxrtune.analysis.storage import (
 )
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
+from cxrtune.search.retention import CheckpointRetention
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
 from cxrtune.search.searcher import StudySearcher, metric_mode
 from cxrtune.spaces import get_space
@@ -67,6 +68,11 @@ class TrialSpace:
         is_vgg16 = trial.params["family"] == "vgg16"
         return {**held, **dict(self.fixed), "weights": self.vgg16_weights if is_vgg16 else "none"}
 
+
+# A reused worker would carry the last trial's CUDA context and cached memory into the
+# next; a fresh process per trial starts clean. (A benchmark whose trials only replay
+# recorded results reuses them.)
+REUSE_ACTORS = False
 
 # What the Tune trial of a data-parallel family reserves for itself: it only
 # starts the Ray Train run, waits, and copies each checkpoint into the trial
@@ -347,7 +353,11 @@ def build_tuner(
     scheduler = build_scheduler(config)
     # Ray adds a TensorBoard logger by default; naming it keeps the event files when
     # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set. It logs each metric as ray/tune/<key>.
-    callbacks: list[tune.Callback] = [progress, TBXLoggerCallback()]
+    callbacks: list[tune.Callback] = [
+        progress,
+        TBXLoggerCallback(),
+        CheckpointRetention(config.checkpoints_to_keep, config.scheduler_metric),
+    ]
     if config.mlflow_uri:
         callbacks.append(mlflow_callback(config.mlflow_uri, experiment_name))
     # Written in place, not through Ray's staging dir. Its name must not end in .json or
@@ -372,16 +382,15 @@ def build_tuner(
             num_samples=config.num_samples,
             max_concurrent_trials=config.max_concurrent_trials or None,
             trial_dirname_creator=trial_dirname,
-            # A reused actor would carry the last trial's CUDA context and cached
-            # memory into the next; a fresh process per trial starts clean.
-            reuse_actors=False,
+            reuse_actors=REUSE_ACTORS,
         ),
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=config.checkpoints_to_keep,
+                # Kept by CheckpointRetention, not by Ray's num_to_keep (see there).
+                num_to_keep=None,
                 checkpoint_score_attribute=config.scheduler_metric,
                 checkpoint_score_order=metric_mode(config.scheduler_metric),
             ),

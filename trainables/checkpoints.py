@@ -159,8 +159,10 @@ def newest_readable_state(
     """The state in Ray's ``checkpoint``, or in the newest earlier one of its trial that reads.
 
     Earlier means a sibling ``checkpoint_<index>`` folder with a lower index (the
-    ones the checkpoint config kept); later ones are ignored, since Ray never
-    registered them. Each one skipped is reported on stderr. Raises
+    ones the sweep kept). Later ones are ignored while ``checkpoint`` is there, since
+    Ray may never have registered them; when it is gone (deleted by the sweep's
+    checkpoint retention after Ray's last snapshot of the experiment named it), the
+    later ones follow, oldest first. Each one skipped is reported on stderr. Raises
     ``CheckpointCorruptError`` when none of them reads.
     """
     from ray.tune import Checkpoint
@@ -168,14 +170,14 @@ def newest_readable_state(
     parent, name = posixpath.split(checkpoint.path.rstrip("/"))
     candidates = [checkpoint]
     if match := CHECKPOINT_DIR_PATTERN.match(name):
-        earlier = sorted(
-            (index, sibling)
-            for index, sibling in _checkpoint_dirs(checkpoint.filesystem, parent)
-            if index < int(match.group(1))
-        )
+        siblings = sorted(_checkpoint_dirs(checkpoint.filesystem, parent))
+        index = int(match.group(1))
+        order = [sibling for at, sibling in reversed(siblings) if at < index]
+        if not any(at == index for at, _ in siblings):
+            order += [sibling for at, sibling in siblings if at > index]
         candidates += [
             Checkpoint(path=posixpath.join(parent, sibling), filesystem=checkpoint.filesystem)
-            for _, sibling in reversed(earlier)
+            for sibling in order
         ]
     problems = []
     for candidate in candidates:

@@ -144,11 +144,20 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
     storage = tmp_path / "results"
     sweep = subprocess.Popen(
         [sys.executable, "-m", "cxrtune.search.cli", "sweep", "--name", "killed"]
-        + [item for override in tiny_sweep(storage) for item in ("--set", override)],
+        # Two trials start at once, so that one runs while another has finished: with
+        # one at a time, a trial of three short epochs may end before the next starts.
+        + [
+            item
+            for override in tiny_sweep(storage, max_concurrent_trials=2)
+            for item in ("--set", override)
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own session: its local Ray can be found and killed
+        # Ray copies the trials' result files to the experiment dir when it snapshots the
+        # experiment, every 10 s or more by default: longer than this sweep lasts.
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
     )
     experiment = storage / "killed"
 

@@ -143,6 +143,21 @@ def test_resuming_falls_back_to_the_newest_earlier_readable_checkpoint(
     assert "checkpoint_000002" in skipped and "checkpoint_000001" in skipped
 
 
+def test_resuming_from_a_checkpoint_deleted_since_the_snapshot_takes_the_next_that_reads(
+    tmp_path: Path,
+) -> None:
+    """The sweep's retention deleted the checkpoint Ray's last snapshot named."""
+    from ray.tune import Checkpoint
+
+    for index in (2, 3):  # checkpoint_000000 and _000001 were deleted as not the best
+        write_epoch_checkpoint(tmp_path / f"checkpoint_{index:06d}", epoch=index + 1)
+    named = Checkpoint(path=str(tmp_path / "checkpoint_000001"))
+
+    assert newest_readable_state(named)["epoch"] == 3
+    write_epoch_checkpoint(tmp_path / "checkpoint_000000", epoch=1)
+    assert newest_readable_state(named)["epoch"] == 1  # an earlier one goes first
+
+
 def test_resuming_fails_loudly_when_no_checkpoint_of_the_trial_reads(tmp_path: Path) -> None:
     from ray.tune import Checkpoint
 
