@@ -145,6 +145,16 @@ def export_model(
     trial_ids, selection = _select_trials(
         leaderboard, trial_id=trial_id, rank=rank, ensemble=ensemble
     )
+    # A model carries its val-chosen threshold and test metrics, so a trial below the
+    # leaderboard's evaluate_top is evaluated now. An unreadable checkpoint leaves the
+    # ranking, which can change the selection: select again until every member is evaluated.
+    evaluated: list[str] = []
+    while untested := [t for t in trial_ids if t not in leaderboard.predictions]:
+        evaluated += untested
+        leaderboard = build_leaderboard(experiment, evaluate_trials=evaluated)
+        trial_ids, selection = _select_trials(
+            leaderboard, trial_id=trial_id, rank=rank, ensemble=ensemble
+        )
     description, weights = _describe(experiment, leaderboard, trial_ids)
     description["source"]["selection"] = selection
     _write_folder(out_dir, description, weights)

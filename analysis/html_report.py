@@ -155,9 +155,18 @@ def _leaderboard_section(leaderboard: Leaderboard, top: int) -> tuple[str, str, 
     ranked = leaderboard.ranked
     parts = [f"<pre>{html.escape(leaderboard.header)}</pre>"]
     if len(ranked):
+        untested = (
+            int((~ranked["test_evaluated"].astype(bool)).sum()) if "test_evaluated" in ranked else 0
+        )
         parts.append(
             f"<p>The top {min(top, len(ranked))} of {len(ranked)} ranked trials; "
-            "test columns show the estimate and its 95% bootstrap interval.</p>"
+            "test columns show the estimate and its 95% bootstrap interval."
+            + (
+                f" Test was evaluated for the top {len(ranked) - untested} only (evaluate_top)."
+                if untested
+                else ""
+            )
+            + "</p>"
         )
         parts.append(_table(ranked.head(top)))
     else:
@@ -205,7 +214,11 @@ def _trial_sections(
         label = f"#{row.rank} {trial_id} ({family})"
         parts.append(f'<h3 id="{_safe_name(name)}">{html.escape(label)}</h3>')
         test = leaderboard.predictions.get(trial_id, {}).get("test")
-        if test is None:
+        if test is None and not bool(getattr(row, "test_evaluated", True)):
+            parts.append(
+                _note("Not evaluated on test: below the top evaluate_top trials by val rank.")
+            )
+        elif test is None:
             parts.append(_note("No saved test predictions: the chosen checkpoint was not found."))
         else:
             parts.append(
@@ -302,18 +315,24 @@ def _page(title: str, sections: Sequence[tuple[str, str, str]]) -> str:
 
 
 def write_report(
-    experiment_dir: str | Path, *, top: int = 5, out_dir: str | Path | None = None
+    experiment_dir: str | Path,
+    *,
+    top: int = 5,
+    out_dir: str | Path | None = None,
+    evaluate_top: int | None = None,
 ) -> Path:
     """Write ``report.html`` and every figure as PNG into ``out_dir``; return the HTML's path.
 
     ``out_dir`` defaults to ``EXPERIMENT_DIR/report/``; ``top`` trials get detailed figures.
+    ``evaluate_top`` is the leaderboard's (``build_leaderboard``): trials below it have no
+    test figures.
     Hyperparameter importance needs the sweep's Optuna journal with at least two complete
     trials; without one that section says why, and the rest of the report stands.
     """
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     experiment = read_experiment(experiment_dir)
-    leaderboard = build_leaderboard(experiment)
+    leaderboard = build_leaderboard(experiment, evaluate_top=evaluate_top)
     directory = Path(out_dir) if out_dir is not None else experiment.directory / REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     figures = _Figures(directory)

@@ -12,6 +12,17 @@ the cache stale. Every test column is computed from those saved predictions.
 Test numbers never feed back into the search, and the val predictions serve
 only to choose the threshold.
 
+Only the top ``evaluate_top`` trials by validation rank are evaluated on test
+(the sweep file's ``evaluate_top``, or the caller's; by default every trial when
+there are at most 100, else the top 100): a 10,000-trial sweep is read in
+minutes, not hours, and nobody reads past the first hundred rows. The others keep
+empty test columns and ``test_evaluated`` false. Rank never depends on test. A
+top trial whose checkpoint cannot be read moves to the failed trials and the
+ranking is redone without it, so the next trial moves up and is evaluated in its
+place: the top ``evaluate_top`` rows always have test columns. How checkpoints
+are evaluated is the caller's choice (``evaluate``): in this process by default,
+or as parallel tasks on a Ray cluster (``cxrtune.search.held_out``).
+
 Trials are ranked by the sweep's ``objectives`` (by default
 ``val_covid_recall_at_spec`` and ``val_macro_auc``): the Pareto front first,
 then each objective in order. ``val_covid_recall_at_spec`` is the val recall at
@@ -39,8 +50,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +63,6 @@ from cxrtune.analysis.experiment import (
     EVALUATION_FILE,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
-    SPLITS_FILE,
     Experiment,
     TrialRecord,
 )
@@ -66,6 +77,9 @@ from cxrtune.trainables.metrics import classification_metrics, recall_at_specifi
 
 DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
 DEFAULT_BOOTSTRAP_RESAMPLES = 1000
+# Without an evaluate_top setting, a sweep of at most this many ranked trials has every
+# trial evaluated on test, a larger one its top this many.
+DEFAULT_EVALUATE_TOP = 100
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0
 # Metrics with a bootstrap interval, as classification_metrics names them; each
@@ -105,6 +119,7 @@ COLUMNS = (
     "val_covid_recall_at_spec",
     "val_covid_recall",
     "val_macro_auc",
+    "test_evaluated",  # False: outside the top evaluate_top, the test columns are empty
     *TEST_COLUMNS,
     *HYPERPARAMETERS,
 )
@@ -118,6 +133,20 @@ class Predictions:
 
     labels: np.ndarray
     probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Predictions of the checkpoints an evaluator read, and why it could not read the others."""
+
+    predictions: dict[str, dict[str, Predictions]]  # trial id -> split -> predictions
+    unreadable: dict[str, str] = field(default_factory=dict)  # trial id -> reason
+
+
+# Evaluates chosen checkpoints (trial id -> checkpoint folder) of an experiment on val
+# and test. A checkpoint that cannot be read (``CheckpointCorruptError``) is reported in
+# ``unreadable``; any other error propagates.
+Evaluator = Callable[[Experiment, Mapping[str, Path]], Evaluations]
 
 
 @dataclass(frozen=True)
@@ -144,12 +173,17 @@ def best_epoch_row(
     """
     if results.empty or metric not in results or CHECKPOINT_COLUMN not in results:
         return None
-    candidates = results[results[CHECKPOINT_COLUMN].isin(checkpoints) & results[metric].notna()]
-    if candidates.empty:
+    # Plain numpy, not boolean frame indexing: this runs once per trial, 10,000 times
+    # in a large sweep, where pandas' indexing alone took most of a minute.
+    values = results[metric].to_numpy(dtype=float, na_value=np.nan)
+    kept = np.fromiter(
+        (name in checkpoints for name in results[CHECKPOINT_COLUMN]), dtype=bool, count=len(values)
+    )
+    candidates = kept & ~np.isnan(values)
+    if not candidates.any():
         return None
-    values = candidates[metric].to_numpy(dtype=float)
-    best = values.max() if mode == "max" else values.min()
-    return candidates[values == best].iloc[-1]
+    best = values[candidates].max() if mode == "max" else values[candidates].min()
+    return results.iloc[int(np.flatnonzero(candidates & (values == best))[-1])]
 
 
 def unranked_reason(record: TrialRecord, metric: str) -> str:
@@ -194,9 +228,22 @@ def trial_row(
 
 
 def build_leaderboard(
-    experiment: Experiment, *, evaluate_test: bool = True, device: str = "cpu"
+    experiment: Experiment,
+    *,
+    evaluate_test: bool = True,
+    device: str = "cpu",
+    evaluate_top: int | None = None,
+    evaluate: Evaluator | None = None,
+    evaluate_trials: Collection[str] = (),
 ) -> Leaderboard:
-    """Rank every trial that reported at least one epoch; list the others apart."""
+    """Rank every trial that reported at least one epoch; list the others apart.
+
+    The top ``evaluate_top`` trials by rank are evaluated on test (``None``: the sweep's
+    ``evaluate_top``, else every trial up to 100, else the top 100). ``evaluate`` runs
+    the checkpoints no ``evaluation.json`` holds yet; by default, in this process on
+    ``device``. ``evaluate_trials`` are evaluated too, wherever they rank (``export`` of
+    a trial below the top). A bad ``evaluate_top`` is a ``ValueError`` naming it.
+    """
     metric = str(experiment.sweep.get("scheduler_metric", "val_macro_auc"))
     mode = "min" if metric.endswith("loss") else "max"
     records = {record.trial_id: record for record in experiment.trials}
@@ -214,30 +261,76 @@ def build_leaderboard(
         rows.append(trial_row(record, best, objectives))
         chosen[record.trial_id] = str(best[CHECKPOINT_COLUMN])
 
-    table = pd.DataFrame(rows, columns=[c for c in columns if c not in ("rank", "pareto_front")])
-    table[list(TEST_COLUMNS)] = math.nan
+    computed_later = ("rank", "pareto_front", "test_evaluated", *TEST_COLUMNS)
+    table = pd.DataFrame(rows, columns=[c for c in columns if c not in computed_later])
     predictions: dict[str, dict[str, Predictions]] = {}
-    if evaluate_test and rows:
-        test, predictions, unreadable = _evaluate_chosen_checkpoints(experiment, chosen, device)
+    test: dict[str, dict[str, float]] = {}
+    top = resolve_evaluate_top(experiment, evaluate_top, len(table)) if evaluate_test else 0
+    evaluator = evaluate or _in_process_evaluator(device)
+    ranked = rank_trials(table, objectives)
+    # Rank on val alone, evaluate the top; an unreadable top checkpoint leaves the ranking
+    # and the ranking is redone, which brings the next trial into the top.
+    also = set(evaluate_trials) if evaluate_test else set()
+    while wanted := [
+        trial_id
+        for position, trial_id in enumerate(ranked["trial_id"])
+        if (position < top or trial_id in also) and trial_id not in test
+    ]:
+        found, found_predictions, unreadable = _evaluate_chosen_checkpoints(
+            experiment, {trial_id: chosen[trial_id] for trial_id in wanted}, evaluator
+        )
+        test.update(found)
+        predictions.update(found_predictions)
         for trial_id, reason in unreadable.items():
             failed.append(
                 {"trial_id": trial_id, "family": records[trial_id].family, "error": reason}
             )
             del chosen[trial_id]
-        table = table[~table["trial_id"].isin(unreadable)].reset_index(drop=True)
-        for column in TEST_COLUMNS:
-            table[column] = table["trial_id"].map(lambda trial_id, c=column: test[trial_id][c])
-    ranked = rank_trials(table, objectives)
+        if unreadable:
+            table = table[~table["trial_id"].isin(unreadable)].reset_index(drop=True)
+            ranked = rank_trials(table, objectives)
+    ranked["test_evaluated"] = ranked["trial_id"].isin(test).astype(bool)
+    for column in TEST_COLUMNS:
+        ranked[column] = [
+            test[trial_id][column] if trial_id in test else math.nan
+            for trial_id in ranked["trial_id"]
+        ]
+    header = leaderboard_header(experiment)
+    if evaluate_test and len(test) < len(ranked):
+        header += (
+            f"\nTest evaluated for {len(test)} of {len(ranked)} ranked trials (the top {top} "
+            "by val rank: evaluate_top); the others are not evaluated and their test columns "
+            "are empty."
+        )
     return Leaderboard(
         ranked=ranked[columns],
         failed=pd.DataFrame(failed, columns=["trial_id", "family", "error"]),
-        header=leaderboard_header(experiment),
+        header=header,
         checkpoints={
             trial_id: records[trial_id].directory / name for trial_id, name in chosen.items()
         },
         predictions=predictions,
         objectives=tuple(objectives),
     )
+
+
+def resolve_evaluate_top(experiment: Experiment, evaluate_top: int | None, ranked: int) -> int:
+    """How many of ``ranked`` trials to evaluate on test: the caller's, the sweep's, or the default.
+
+    A value that is not a positive integer is a ``ValueError`` naming ``evaluate_top``.
+    """
+    value = evaluate_top if evaluate_top is not None else experiment.sweep.get("evaluate_top")
+    if value is None:
+        return ranked if ranked <= DEFAULT_EVALUATE_TOP else DEFAULT_EVALUATE_TOP
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"evaluate_top must be a positive integer, got {value!r}")
+    return value
+
+
+def _in_process_evaluator(device: str) -> Evaluator:
+    from cxrtune.analysis.test_evaluation import evaluate_in_process
+
+    return partial(evaluate_in_process, device=device)
 
 
 def leaderboard_header(experiment: Experiment) -> str:
@@ -369,53 +462,60 @@ def ensemble_metrics(
 
 
 def _evaluate_chosen_checkpoints(
-    experiment: Experiment, chosen: dict[str, str], device: str
+    experiment: Experiment, chosen: dict[str, str], evaluate: Evaluator
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Predictions]], dict[str, str]]:
     """Test columns and predictions of each trial's chosen checkpoint, and apart, by trial
     id, why a checkpoint could not be read.
 
-    Predictions are cached in the trial folder (``evaluation.json``).
+    Predictions are cached in the trial folder (``evaluation.json``); only the checkpoints
+    without a cached evaluation go to ``evaluate``, all in one call so that it may run them
+    in parallel.
     """
-    from cxrtune.analysis.test_evaluation import EvaluationSet, evaluate_checkpoint
-    from cxrtune.trainables.checkpoints import CheckpointCorruptError
-
     info = experiment.dataset
     target_specificity = float(
         experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
     )
     resamples = int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES))
     by_id = {record.trial_id: record for record in experiment.trials}
-    results: dict[str, dict[str, float]] = {}
     all_predictions: dict[str, dict[str, Predictions]] = {}
-    unreadable: dict[str, str] = {}
-    evaluation_set: EvaluationSet | None = None
+    missing: dict[str, Path] = {}
     for trial_id, checkpoint_name in chosen.items():
-        cache = by_id[trial_id].directory / EVALUATION_FILE
-        checkpoint = by_id[trial_id].directory / checkpoint_name
-        predictions = _read_evaluation(cache, checkpoint_name)
-        if predictions is None:
-            if evaluation_set is None:
-                evaluation_set = EvaluationSet.load(info, experiment.directory / SPLITS_FILE)
-            try:
-                probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
-            except CheckpointCorruptError as error:
-                unreadable[trial_id] = str(error).splitlines()[0]
-                continue
+        cached = _read_evaluation(by_id[trial_id].directory / EVALUATION_FILE, checkpoint_name)
+        if cached is None:
+            missing[trial_id] = by_id[trial_id].directory / checkpoint_name
+        else:
+            all_predictions[trial_id] = cached
+    unreadable: dict[str, str] = {}
+    if missing:
+        evaluated = evaluate(experiment, missing)
+        unreadable = dict(evaluated.unreadable)
+        for trial_id, found in evaluated.predictions.items():
             # Rounded before use, so a first build and any later one from the cache agree.
-            predictions = {
-                split: Predictions(evaluation_set.labels[split], np.round(probabilities[split], 6))
-                for split in probabilities
+            rounded = {
+                split: Predictions(predictions.labels, np.round(predictions.probabilities, 6))
+                for split, predictions in found.items()
             }
-            _write_evaluation(cache, checkpoint_name, predictions)
-        all_predictions[trial_id] = predictions
-        results[trial_id] = held_out_metrics(
+            _write_evaluation(
+                by_id[trial_id].directory / EVALUATION_FILE, chosen[trial_id], rounded
+            )
+            all_predictions[trial_id] = rounded
+    results = {
+        trial_id: held_out_metrics(
             predictions,
             info.class_names,
             info.positive_index,
             target_specificity=target_specificity,
             resamples=resamples,
         )
-    return results, all_predictions, unreadable
+        for trial_id, predictions in all_predictions.items()
+    }
+    # In the order asked for, whichever way each evaluation came.
+    ordered = [trial_id for trial_id in chosen if trial_id in all_predictions]
+    return (
+        {trial_id: results[trial_id] for trial_id in ordered},
+        {trial_id: all_predictions[trial_id] for trial_id in ordered},
+        unreadable,
+    )
 
 
 def _read_evaluation(path: Path, checkpoint_name: str) -> dict[str, Predictions] | None:
@@ -467,6 +567,10 @@ def format_leaderboard(
     for column in shown.columns:
         if shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(format_number)
+    if "test_evaluated" in shown:
+        shown["test_evaluated"] = shown["test_evaluated"].map(
+            lambda evaluated: "yes" if evaluated else "not evaluated"
+        )
     if style == "csv":
         return ranked.to_csv(index=False)
     if style == "md":

@@ -91,7 +91,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             ]
             shown = shown.drop(columns=[low, high])
     for column in shown.columns:
-        if shown[column].dtype.kind == "f":
+        if column == "test_evaluated":
+            shown[column] = shown[column].map(lambda tested: "yes" if tested else "not evaluated")
+        elif shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(format_number)
         else:
             shown[column] = shown[column].map(_format_cell)

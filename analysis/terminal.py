@@ -71,7 +71,10 @@ def compact_table(
             "imbalance": str(row.get("imbalance", "-")),
         }
         shown |= {name: compact_number(row[name]) for name in objectives}
-        shown |= {name: compact_interval(row, name) for name in TEST_COLUMNS}
+        if not bool(row.get("test_evaluated", True)):
+            shown |= {name: "not evaluated" for name in TEST_COLUMNS}
+        else:
+            shown |= {name: compact_interval(row, name) for name in TEST_COLUMNS}
         rows.append(shown)
     table = pd.DataFrame(rows, columns=columns)
     return table.rename(columns={name: HEADINGS.get(name, name) for name in columns})

@@ -7,14 +7,16 @@ any choice.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxrtune.analysis.experiment import DatasetInfo
-from cxrtune.trainables.checkpoints import model_from_checkpoint
+from cxrtune.analysis.experiment import SPLITS_FILE, DatasetInfo, Experiment
+from cxrtune.analysis.leaderboard import Evaluations, Predictions
+from cxrtune.trainables.checkpoints import CheckpointCorruptError, model_from_checkpoint
 from cxrtune.trainables.data import DataError, ingest, read_cache
 from cxrtune.trainables.engine import evaluate
 from cxrtune.trainables.splits import read_splits
@@ -66,6 +68,13 @@ class EvaluationSet:
             positive_index=info.positive_index,
         )
 
+    def predictions(self, probabilities: Mapping[str, np.ndarray]) -> dict[str, Predictions]:
+        """``evaluate_checkpoint``'s probabilities beside the labels they are scored against."""
+        return {
+            split: Predictions(self.labels[split], np.asarray(probabilities[split]))
+            for split in EVALUATED_SPLITS
+        }
+
 
 def evaluate_checkpoint(
     checkpoint: Path, evaluation_set: EvaluationSet, device: str = "cpu"
@@ -86,3 +95,31 @@ def evaluate_checkpoint(
         labels = torch.as_tensor(evaluation_set.labels[split], dtype=torch.long, device=device)
         _, probabilities[split] = evaluate(model, images, labels)
     return probabilities
+
+
+def evaluate_in_process(
+    experiment: Experiment, checkpoints: Mapping[str, Path], device: str = "cpu"
+) -> Evaluations:
+    """The leaderboard's default evaluator: each checkpoint in turn, in this process.
+
+    The evaluation set is loaded once, and only when there is a checkpoint to evaluate.
+    """
+    found: dict[str, dict[str, Predictions]] = {}
+    unreadable: dict[str, str] = {}
+    if not checkpoints:
+        return Evaluations(found, unreadable)
+    evaluation_set = EvaluationSet.load(experiment.dataset, experiment.directory / SPLITS_FILE)
+    for trial_id, checkpoint in checkpoints.items():
+        try:
+            probabilities = evaluate_checkpoint(checkpoint, evaluation_set, device)
+        except CheckpointCorruptError as error:
+            unreadable[trial_id] = unreadable_reason(error)
+            continue
+        found[trial_id] = evaluation_set.predictions(probabilities)
+    return Evaluations(found, unreadable)
+
+
+def unreadable_reason(error: CheckpointCorruptError) -> str:
+    """What the failed trials list says of a checkpoint that cannot be read: its first line."""
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__

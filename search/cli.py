@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard = commands.add_parser(
         "leaderboard",
         help="rank the trials of an experiment dir and evaluate them on the test split",
-        description="Rank an experiment's trials on validation metrics, evaluate each trial's "
-        "best-validation checkpoint on the held-out test split, and write leaderboard.csv "
+        description="Rank an experiment's trials on validation metrics, evaluate the top trials' "
+        "best-validation checkpoints on the held-out test split, and write leaderboard.csv "
         "and leaderboard.md into the experiment dir. No running Ray is needed.",
     )
     leaderboard.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every leaderboard column, not the 120-column table",
     )
+    add_evaluate_top_option(leaderboard)
     leaderboard.set_defaults(handler=run_leaderboard_command)
 
     report = commands.add_parser(
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("experiment_dir", help=EXPERIMENT_DIR_HELP)
     report.add_argument("--top", type=int, default=5, help="trials shown in detail (default 5)")
     report.add_argument("--out", type=Path, help="output folder (default: EXPERIMENT_DIR/report)")
+    add_evaluate_top_option(report)
     report.set_defaults(handler=run_report_command)
 
     export = commands.add_parser(
@@ -194,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_options(inspect)
     inspect.set_defaults(handler=run_inspect_command)
     return parser
+
+
+def positive_integer(text: str) -> int:
+    """An argparse type: a whole number of at least 1, or a usage error saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def add_evaluate_top_option(parser: argparse.ArgumentParser) -> None:
+    """``--evaluate-top N``, shared by ``leaderboard`` and ``report``."""
+    parser.add_argument(
+        "--evaluate-top",
+        type=positive_integer,
+        metavar="N",
+        help="evaluate on test only the top N trials by val rank; the others are marked not "
+        "evaluated (default: the sweep file's evaluate_top, else every trial up to 100, "
+        "else the top 100)",
+    )
 
 
 def add_ingest_options(parser: argparse.ArgumentParser) -> None:
@@ -320,10 +345,14 @@ def finish_with_leaderboard(
     from cxrtune.analysis.experiment import local_experiment_dir, read_experiment
     from cxrtune.analysis.leaderboard import build_leaderboard, write_leaderboard
     from cxrtune.analysis.storage import joined, redacted
+    from cxrtune.search.held_out import ray_evaluator
 
-    print("\nEvaluating each trial's best-validation checkpoint on the held-out test split...")
+    print("\nEvaluating the top trials' chosen checkpoints on the held-out test split...")
     with local_experiment_dir(experiment_dir) as local_dir:
-        leaderboard = build_leaderboard(read_experiment(local_dir))
+        # The sweep's Ray is still connected: its GPUs evaluate the checkpoints in parallel.
+        leaderboard = build_leaderboard(
+            read_experiment(local_dir), evaluate=ray_evaluator(experiment_dir, local_dir)
+        )
         write_leaderboard(leaderboard, local_dir)
         print()
         print_leaderboard_table(leaderboard, top=top, wide=wide)
@@ -349,7 +378,7 @@ def run_leaderboard_command(args: argparse.Namespace) -> int:
 
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
         experiment = read_experiment(experiment_dir)
-        leaderboard = build_leaderboard(experiment)
+        leaderboard = build_leaderboard(experiment, evaluate_top=args.evaluate_top)
         write_leaderboard(leaderboard, experiment.directory)
     if args.format == "table":
         print_leaderboard_table(leaderboard, top=args.top, wide=args.wide)
@@ -391,7 +420,9 @@ def run_report_command(args: argparse.Namespace) -> int:
     if args.out is not None:
         writable_folder(args.out, option="--out")
     with local_experiment_dir(args.experiment_dir) as experiment_dir:
-        html = write_report(experiment_dir, top=args.top, out_dir=args.out)
+        html = write_report(
+            experiment_dir, top=args.top, out_dir=args.out, evaluate_top=args.evaluate_top
+        )
     written = str(html)
     if args.out is None and is_remote(args.experiment_dir):
         written = joined(args.experiment_dir, html.relative_to(experiment_dir).as_posix())

@@ -108,6 +108,8 @@ class SweepConfig:
     test_source: str | None = None  # hold out this source as the test split (external site)
     target_specificity: float = 0.95  # the operating point: threshold chosen on val for this
     bootstrap_resamples: int = 1000  # for the 95% confidence intervals of test metrics
+    # trials evaluated on test, best val rank first; None = all up to 100, else the top 100
+    evaluate_top: int | None = None
     seed: int = 0  # splits, sampler and model initialisation
     space: str = "default"  # a registered search space
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
@@ -203,6 +205,10 @@ class SweepConfig:
             raise SweepConfigError("target_specificity: must be in (0, 1)")
         if self.bootstrap_resamples < 1000:
             raise SweepConfigError("bootstrap_resamples: must be at least 1000")
+        if self.evaluate_top is not None and self.evaluate_top < 1:
+            raise SweepConfigError(
+                f"evaluate_top: must be a positive integer (or null), got {self.evaluate_top}"
+            )
         if is_remote(self.storage_path) and has_credentials(self.storage_path):
             # Written into sweep.yaml, uploaded with it, and handed to every Ray node.
             raise SweepConfigError(
