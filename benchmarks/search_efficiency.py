@@ -79,6 +79,9 @@ VARIANTS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "startup_10": ("tpe", True, ("tpe_startup_trials=10",)),
     "grace_1": ("tpe", True, ("grace_period=1",)),
     "reduction_3": ("tpe", True, ("reduction_factor=3",)),
+    # A window far below the budget's 60-90 trials, so that it bites: TPE then models
+    # only the latest 20 to 25 trials, as a cluster sweep's window would at 10,000.
+    "window_20": ("tpe", True, ("tpe_window_trials=20",)),
 }
 COMPARED = ("cxrtune", "random", "random_asha", "tpe")
 PRIMARY, SECONDARY = TARGETS

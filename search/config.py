@@ -129,6 +129,9 @@ class SweepConfig:
     tpe_group: bool = True  # separate models per family's parameter set (needs multivariate)
     tpe_constant_liar: bool = True  # count running trials as bad, so parallel asks spread out
     tpe_startup_trials: int = 5  # random trials before TPE models anything
+    # TPE models only the latest this many trials (0 = all): its ask grows with the
+    # study, about 0.1 s at 1,000 trials and 0.5 s at 10,000 on one core.
+    tpe_window_trials: int = 0
     stopped_trials: str = "complete"  # how ASHA-stopped trials are told: complete, pruned, omit
     try_each_family_first: bool = True  # the first trials cover every family once
     max_concurrent_trials: int = 0  # 0 = as many as the resources allow
@@ -174,6 +177,12 @@ class SweepConfig:
             raise SweepConfigError("tpe_group: needs tpe_multivariate")
         if self.tpe_startup_trials < 0:
             raise SweepConfigError("tpe_startup_trials: must be 0 or more")
+        if self.tpe_window_trials < 0:
+            raise SweepConfigError("tpe_window_trials: must be 0 (every trial) or more")
+        if 0 < self.tpe_window_trials <= self.tpe_startup_trials:
+            raise SweepConfigError(
+                "tpe_window_trials: must exceed tpe_startup_trials, or TPE never models"
+            )
         if self.stopped_trials not in STOPPED_TRIAL_POLICIES:
             raise SweepConfigError(
                 f"stopped_trials: must be one of {list(STOPPED_TRIAL_POLICIES)}, "

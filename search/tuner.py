@@ -159,13 +159,18 @@ def build_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         # multivariate, group and constant_liar are marked experimental.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        sampler = optuna.samplers.TPESampler(
             seed=config.seed,
             multivariate=config.tpe_multivariate,
             group=config.tpe_group,
             constant_liar=config.tpe_constant_liar,
             n_startup_trials=config.tpe_startup_trials,
         )
+    if config.tpe_window_trials:
+        from cxrtune.search.samplers import RecentTrialsSampler
+
+        return RecentTrialsSampler(sampler, config.tpe_window_trials)
+    return sampler
 
 
 def build_searcher(
