@@ -216,9 +216,9 @@ def raylet_pid(node: Any) -> int:
     return int(node.all_processes["raylet"][0].process.pid)
 
 
-def trials_running_under(raylet: int) -> list[str]:
-    """Trial folder names of the Tune trial actors whose process descends from ``raylet``."""
-    names = []
+def trials_running_under(raylet: int) -> list[tuple[int, str]]:
+    """``(pid, trial folder name)`` of the Tune trial actors descending from ``raylet``."""
+    trials = []
     for pid in live_pids():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -228,10 +228,10 @@ def trials_running_under(raylet: int) -> list[str]:
             while ancestor > 1 and ancestor != raylet:
                 ancestor = proc_stat(ancestor)[0]
             if ancestor == raylet:
-                names.append(Path(os.readlink(f"/proc/{pid}/cwd")).name)
+                trials.append((pid, Path(os.readlink(f"/proc/{pid}/cwd")).name))
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
             continue
-    return names
+    return trials
 
 
 def newest_checkpoint_epoch(trial_dir: Path) -> int:
@@ -277,12 +277,21 @@ def test_trials_on_a_lost_worker_node_resume_from_their_checkpoints(
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             for node in workers:
-                for name in trials_running_under(raylet_pid(node)):
+                for pid, name in trials_running_under(raylet_pid(node)):
+                    if not 0 < newest_checkpoint_epoch(experiment / name) < MAX_EPOCHS:
+                        continue
+                    # Frozen, the trial cannot report its last epoch between the check
+                    # and the node's death: a checkpoint is persisted before its result
+                    # reaches Tune, so one short of MAX_EPOCHS means the trial is unfinished.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
                     epoch = newest_checkpoint_epoch(experiment / name)
                     if 0 < epoch < MAX_EPOCHS:
                         three_node_cluster.remove_node(node, allow_graceful=False)
                         killed.update(trial=name, epoch=epoch)
                         return
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
             time.sleep(0.1)
 
     watcher = threading.Thread(target=kill_a_worker_running_a_checkpointed_trial, daemon=True)
