@@ -6,18 +6,27 @@ last one. A snapshot serialises every trial of the sweep, so with one checkpoint
 epoch that is work in proportion to the trials for every epoch reported: in a
 300-trial replayed sweep on a simulated cluster (``benchmarks/cluster_scale.py``)
 it took half the driver's time, and it grows with the square of the trials. Here the
-trial's older checkpoints are deleted by the driver as results arrive, and Ray
-snapshots on its own schedule (about 5% of the driver's time).
+driver deletes a trial's older checkpoints itself, and Ray snapshots on its own
+schedule (about 5% of the driver's time).
 
-A snapshot may then name a checkpoint deleted since; a trial resumed from it
-continues from its newest checkpoint that reads (``newest_readable_state``).
+A checkpoint is deleted only once no snapshot a resume could read still names it as
+its trial's latest: ``cxrtune resume`` restores each unfinished trial from the
+checkpoint the snapshot on storage names, and Ray refuses one that is gone. The
+snapshot's generation is this callback's own state, which Ray saves with each
+snapshot (``get_state``) and uploads beside it; once storage holds a newer
+generation than one seen there before, the upload that carried the earlier one has
+finished, and checkpoints superseded before that earlier snapshot can go.
+Deletion lags two or three snapshots (Ray snapshots every 10 s or more); a killed
+driver leaves the checkpoints it had not deleted yet, which only take space.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,18 +58,45 @@ def checkpoints_to_delete(
     return [entry for entry in kept if entry not in best and entry != latest]
 
 
+# Ray's CallbackList saves the callbacks' states as callback-states-<session>.pkl.
+CALLBACK_STATE_PREFIX, CALLBACK_STATE_SUFFIX = "callback-states-", ".pkl"
+
+Doomed = tuple[Any, str]  # (storage filesystem, checkpoint path) of a checkpoint to delete
+
+
 @dataclass
 class CheckpointRetention(tune.Callback):
     """Deletes a trial's checkpoints beyond its ``keep`` best by ``metric`` and its latest.
 
     A checkpoint is on storage by the time its result reaches the driver (Ray's
     trainables upload before they report), so the new one is never among those deleted.
-    A checkpoint that cannot be deleted is a warning: it only takes space.
+    Deletion waits until a snapshot on storage names a later one (see the module
+    docstring). A checkpoint that cannot be deleted is a warning: it only takes space.
     """
 
     keep: int
     metric: str
     kept: dict[str, list[tuple[float, int, str]]] = field(default_factory=dict)
+    # Superseded since the last snapshot; then keyed by the first snapshot that does not
+    # name them.
+    superseded: list[Doomed] = field(default_factory=list)
+    covered: dict[int, list[Doomed]] = field(default_factory=dict)
+    run: str = ""  # this driver's token in its snapshots: a resumed sweep gets a new one
+    generation: int = 0  # snapshots taken by this driver
+    seen_on_storage: int = 0  # the newest generation read back from storage
+    experiment: tuple[Any, str] | None = None  # (filesystem, experiment path) of storage
+    state_file: str | None = None  # this session's callback-states file on storage
+
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        self.run = uuid.uuid4().hex
+        self.generation = self.seen_on_storage = 0
+        self.state_file = None
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
@@ -68,6 +104,9 @@ class CheckpointRetention(tune.Callback):
         name = result.get("checkpoint_dir_name")
         if not name:
             return
+        filesystem = trial.storage.storage_filesystem
+        if self.experiment is None:
+            self.experiment = (filesystem, trial.storage.experiment_fs_path)
         score = result.get(self.metric)
         checkpoints = self.kept.setdefault(trial.trial_id, [])
         # Ray numbers a trial's checkpoint folders in order: checkpoint_000003.
@@ -75,14 +114,86 @@ class CheckpointRetention(tune.Callback):
         checkpoints.append((float(score) if score is not None else math.nan, index, str(name)))
         for entry in checkpoints_to_delete(checkpoints, self.keep, metric_mode(self.metric)):
             checkpoints.remove(entry)
-            path = posixpath.join(trial.storage.trial_fs_path, entry[2])
-            try:
-                trial.storage.storage_filesystem.delete_dir(path)
-            except OSError as error:
-                logger.warning("could not delete the checkpoint %s: %s", path, error)
+            self.superseded.append(
+                (filesystem, posixpath.join(trial.storage.trial_fs_path, entry[2]))
+            )
+
+    def get_state(self) -> dict[str, Any]:
+        """Called as Ray writes a snapshot: it names no checkpoint superseded before now."""
+        self.generation += 1
+        if self.superseded:
+            self.covered[self.generation] = self.superseded
+            self.superseded = []
+        self.delete_what_storage_no_longer_names()
+        return {"run": self.run, "generation": self.generation}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """A resumed sweep's retention starts afresh: the earlier driver's state is not its own."""
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.kept.pop(trial.trial_id, None)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.kept.pop(trial.trial_id, None)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Delete the rest once every trial has ended.
+
+        Ray calls this after it waited for the final snapshot's upload, except when
+        the sweep broke off with an error: then trials are left unfinished, and their
+        superseded checkpoints stay.
+        """
+        if all(trial.status in ("TERMINATED", "ERROR") for trial in trials):
+            for doomed in self.covered.values():
+                delete(doomed)
+            delete(self.superseded)
+            self.covered, self.superseded = {}, []
+
+    def delete_what_storage_no_longer_names(self) -> None:
+        if not self.covered:
+            return
+        on_storage = self.generation_on_storage()
+        if on_storage <= self.seen_on_storage:
+            return
+        # The upload that carried ``seen_on_storage`` has finished: uploads run one at a
+        # time, and a later one has started.
+        safe, self.seen_on_storage = self.seen_on_storage, on_storage
+        for generation in [key for key in self.covered if key <= safe]:
+            delete(self.covered.pop(generation))
+
+    def generation_on_storage(self) -> int:
+        """The newest generation of this run in the callback states on storage; 0 if none."""
+        if self.experiment is None:
+            return 0
+        import pyarrow.fs
+
+        filesystem, experiment_path = self.experiment
+        try:
+            if self.state_file is None:
+                listing = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment_path))
+                candidates = [
+                    info.path
+                    for info in listing
+                    if info.base_name.startswith(CALLBACK_STATE_PREFIX)
+                    and info.base_name.endswith(CALLBACK_STATE_SUFFIX)
+                ]
+            else:
+                candidates = [self.state_file]
+            for path in candidates:
+                with filesystem.open_input_stream(path) as stream:
+                    states = pickle.loads(stream.read())
+                for state in states.values():
+                    if isinstance(state, dict) and state.get("run") == self.run:
+                        self.state_file = path
+                        return int(state["generation"])
+        except (OSError, pickle.UnpicklingError, EOFError) as error:
+            logger.warning("could not read the snapshot state on storage: %s", error)
+        return 0
+
+
+def delete(doomed: list[Doomed]) -> None:
+    for filesystem, path in doomed:
+        try:
+            filesystem.delete_dir(path)
+        except OSError as error:
+            logger.warning("could not delete the checkpoint %s: %s", path, error)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pyarrow.fs
 import pytest
@@ -28,42 +30,116 @@ def test_later_checkpoints_win_ties_and_nan_ranks_last() -> None:
     assert names(checkpoints_to_delete(kept, keep=1, mode="max")) == ["c0", "c2"]
 
 
+def make_trial(experiment: Path, trial_id: str = "t1", filesystem: Any = None) -> Any:
+    storage = SimpleNamespace(
+        experiment_fs_path=str(experiment),
+        trial_fs_path=str(experiment / trial_id),
+        storage_filesystem=filesystem or pyarrow.fs.LocalFileSystem(),
+    )
+    return SimpleNamespace(trial_id=trial_id, storage=storage, status="RUNNING")
+
+
+def report(retention: CheckpointRetention, trial: Any, index: int, score: float) -> None:
+    """A result with a new checkpoint, written to the trial's folder first, as Ray does."""
+    name = f"checkpoint_{index:06d}"
+    folder = Path(trial.storage.trial_fs_path) / name
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"state")
+    retention.on_trial_result(0, [], trial, {"val_macro_auc": score, "checkpoint_dir_name": name})
+
+
+def snapshot(retention: CheckpointRetention, experiment: Path, *, uploaded: bool = True) -> None:
+    """What Ray does at a snapshot: take the callbacks' states, then upload them to storage."""
+    state = retention.get_state()
+    if uploaded:
+        (experiment / "callback-states-session.pkl").write_bytes(pickle.dumps({0: state}))
+
+
+def on_disk(trial: Any) -> list[str]:
+    return sorted(path.name for path in Path(trial.storage.trial_fs_path).iterdir())
+
+
 @pytest.mark.parametrize("keep", [1, 2])
-def test_the_callback_deletes_a_trials_other_checkpoints_from_storage(
+def test_the_callback_deletes_a_trials_other_checkpoints_once_storage_no_longer_names_them(
     tmp_path: Path, keep: int
 ) -> None:
-    trial_dir = tmp_path / "trial"
-    storage = SimpleNamespace(
-        trial_fs_path=str(trial_dir), storage_filesystem=pyarrow.fs.LocalFileSystem()
-    )
-    trial = SimpleNamespace(trial_id="t1", storage=storage)
+    trial = make_trial(tmp_path)
     retention = CheckpointRetention(keep, "val_macro_auc")
-    scores = [0.6, 0.9, 0.7, 0.8, 0.5]
-    for index, score in enumerate(scores):
-        name = f"checkpoint_{index:06d}"
-        (trial_dir / name).mkdir(parents=True)
-        (trial_dir / name / "checkpoint.pt").write_bytes(b"state")
-        result = {"val_macro_auc": score, "checkpoint_dir_name": name}
-        retention.on_trial_result(0, [], trial, result)
+    retention.setup()
+    for index, score in enumerate([0.6, 0.9, 0.7, 0.8, 0.5]):
+        report(retention, trial, index, score)
     retention.on_trial_result(0, [], trial, {"val_macro_auc": 0.99})  # no checkpoint: ignored
+    every = [f"checkpoint_{index:06d}" for index in range(5)]
+    assert on_disk(trial) == every  # the snapshot on storage may name any of them
 
-    on_disk = sorted(path.name for path in trial_dir.iterdir())
+    snapshot(retention, tmp_path)  # generation 1 names checkpoint 4 as the latest
+    snapshot(retention, tmp_path)  # storage shows 1; its upload may still be running
+    assert on_disk(trial) == every
+    snapshot(retention, tmp_path)  # storage shows 2: the upload of 1 has finished
+
     best = {1: ["checkpoint_000001"], 2: ["checkpoint_000001", "checkpoint_000003"]}[keep]
-    assert on_disk == sorted([*best, "checkpoint_000004"])
+    assert on_disk(trial) == sorted([*best, "checkpoint_000004"])
+
+
+def test_a_snapshot_storage_never_received_deletes_nothing(tmp_path: Path) -> None:
+    trial = make_trial(tmp_path)
+    retention = CheckpointRetention(1, "val_macro_auc")
+    retention.setup()
+    for index, score in enumerate([0.9, 0.5, 0.4]):
+        report(retention, trial, index, score)
+    for _ in range(3):  # Ray skipped these uploads: the one before was still running
+        snapshot(retention, tmp_path, uploaded=False)
+    assert len(on_disk(trial)) == 3
+    snapshot(retention, tmp_path)
+    snapshot(retention, tmp_path)
+    snapshot(retention, tmp_path)
+    assert on_disk(trial) == ["checkpoint_000000", "checkpoint_000002"]
+
+
+def test_an_earlier_drivers_snapshots_do_not_count_for_a_resumed_one(tmp_path: Path) -> None:
+    trial = make_trial(tmp_path)
+    earlier = CheckpointRetention(1, "val_macro_auc")
+    earlier.setup()
+    for _ in range(5):
+        snapshot(earlier, tmp_path)  # generation 5 of the killed driver is on storage
+    resumed = CheckpointRetention(1, "val_macro_auc")
+    resumed.setup()
+    resumed.set_state(earlier.get_state())  # Ray hands back the old state; it is not ours
+    for index, score in enumerate([0.9, 0.5, 0.4]):
+        report(resumed, trial, index, score)
+    resumed.get_state()
+    resumed.get_state()  # nothing of this driver on storage yet
+    assert len(on_disk(trial)) == 3
+
+
+def test_every_superseded_checkpoint_goes_when_all_trials_ended(tmp_path: Path) -> None:
+    trial = make_trial(tmp_path)
+    retention = CheckpointRetention(1, "val_macro_auc")
+    retention.setup()
+    for index, score in enumerate([0.9, 0.5]):
+        report(retention, trial, index, score)
+    snapshot(retention, tmp_path)
+    report(retention, trial, 2, 0.4)
+    retention.on_experiment_end(trials=[trial])  # a broken-off sweep: one still running
+    assert len(on_disk(trial)) == 3
+    trial.status = "TERMINATED"
+    retention.on_experiment_end(trials=[trial])
+    assert on_disk(trial) == ["checkpoint_000000", "checkpoint_000002"]
 
 
 def test_a_checkpoint_that_cannot_be_deleted_is_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class ReadOnly:
+    class Refusing:
         def delete_dir(self, path: str) -> None:
             raise PermissionError(f"read-only: {path}")
 
-    storage = SimpleNamespace(trial_fs_path=str(tmp_path), storage_filesystem=ReadOnly())
-    trial = SimpleNamespace(trial_id="t1", storage=storage)
+    trial = make_trial(tmp_path, filesystem=Refusing())
     retention = CheckpointRetention(1, "val_macro_auc")
+    retention.setup()
     for index, score in enumerate([0.9, 0.5, 0.4]):
-        result = {"val_macro_auc": score, "checkpoint_dir_name": f"checkpoint_{index:06d}"}
-        retention.on_trial_result(0, [], trial, result)
+        report(retention, trial, index, score)
+    trial.status = "TERMINATED"
+    retention.on_experiment_end(trials=[trial])
     assert "could not delete the checkpoint" in caplog.text
     assert "checkpoint_000001" in caplog.text
