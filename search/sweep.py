@@ -423,6 +423,14 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     print(f"Resuming the sweep in {directory}")
 
     start_ray(address)
+    # Before Tuner.restore, which reuses the killed driver's staging folder for the
+    # experiment (on the same Ray cluster it still holds the result files of trials the
+    # snapshot lacks) and uploads it to the experiment dir as the sweep goes.
+    snapshot = tune.ExperimentAnalysis(str(directory))
+    storage = snapshot.trials[0].storage if snapshot.trials else None
+    staging = Path(storage.experiment_driver_staging_path) if storage is not None else None
+    in_snapshot = {Path(trial.path).name for trial in snapshot.trials if trial.path}
+    set_aside_unrecorded_trials(directory, in_snapshot, staging)
     tuner = tune.Tuner.restore(
         str(directory),
         trainable=build_trainable(
@@ -438,9 +446,6 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
         f"{len(recorded)} trial(s) recorded: "
         f"{recorded.num_terminated + recorded.num_errors - errored} finished (kept), "
         f"{errored} errored (stay errored), the rest continue from their last checkpoint"
-    )
-    set_aside_unrecorded_trials(
-        directory, {Path(recorded[index].path).name for index in range(len(recorded))}
     )
     results = tuner.fit()
     return SweepOutcome(
@@ -515,26 +520,40 @@ def prepare_resumed_data(config: SweepConfig, directory: Path) -> PreparedData:
     return PreparedData(dataset=dataset, splits=splits, groups=groups, info=info, report=report)
 
 
-def set_aside_unrecorded_trials(directory: Path, recorded: set[str]) -> None:
+def set_aside_unrecorded_trials(
+    directory: Path, recorded: set[str], staging: Path | None = None
+) -> None:
     """Move trial folders that Ray's snapshot lacks into ``unrecorded_trials/``.
 
     Such a folder belongs to a trial started in the seconds between Ray's last
     snapshot and the driver's death; its Optuna trial is handed to a new Ray
     trial, which starts again from its first epoch with the same parameters.
+    The experiment dir holds the folder's checkpoints; ``staging``, the killed
+    driver's staging folder for the experiment where it is still there, holds its
+    result files, which the resumed driver would otherwise upload as a trial of its
+    own. Both go to the same folder under ``unrecorded_trials/``.
     """
     from cxrtune.spaces import FAMILIES
 
-    for folder in sorted(directory.iterdir()):
-        is_trial = folder.is_dir() and any(
-            folder.name.endswith(f"_{family}") for family in FAMILIES
-        )
-        if is_trial and folder.name not in recorded:
+    roots = [directory] + ([staging] if staging is not None and staging.is_dir() else [])
+    moved: set[str] = set()
+    for root in roots:
+        for folder in sorted(root.iterdir()):
+            is_trial = folder.is_dir() and any(
+                folder.name.endswith(f"_{family}") for family in FAMILIES
+            )
+            if not is_trial or folder.name in recorded:
+                continue
             destination = directory / UNRECORDED_TRIALS_DIR / folder.name
             destination.parent.mkdir(exist_ok=True)
-            shutil.move(folder, destination)
-            print(
-                f"Trial folder {folder.name} was not in Ray's last snapshot: moved to {destination}"
-            )
+            shutil.copytree(folder, destination, dirs_exist_ok=True)
+            shutil.rmtree(folder)
+            if folder.name not in moved:
+                moved.add(folder.name)
+                print(
+                    f"Trial folder {folder.name} was not in Ray's last snapshot: "
+                    f"moved to {destination}"
+                )
 
 
 def describe_data(info: DatasetInfo) -> str:

@@ -10,7 +10,13 @@ import pytest
 
 from cxrtune.search.cli import EXIT_BAD_INPUT, main
 from cxrtune.search.config import SweepConfig, load_sweep_config
-from cxrtune.search.sweep import prepare_data, prepare_resumed_data, write_experiment_files
+from cxrtune.search.sweep import (
+    UNRECORDED_TRIALS_DIR,
+    prepare_data,
+    prepare_resumed_data,
+    set_aside_unrecorded_trials,
+    write_experiment_files,
+)
 from cxrtune.trainables.data import DataError
 
 
@@ -73,3 +79,42 @@ def test_resuming_a_dir_whose_journal_holds_no_study_exits_2(
         (directory / name).write_text("")
     assert main(["resume", str(directory)]) == EXIT_BAD_INPUT
     assert "holds no study 'cxrtune'" in capsys.readouterr().err
+
+
+def test_trials_the_snapshot_lacks_are_set_aside_with_their_staged_result_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the killed driver's cluster, Ray's staging folder still holds such trials' results.
+
+    The resumed driver reuses that folder and uploads it, so the results are moved
+    beside the checkpoints, not left to come back as a trial of their own.
+    """
+    experiment, staging = tmp_path / "experiment", tmp_path / "staging"
+    for folder, files in {
+        experiment / "aaaa0001_baseline_cnn": ["checkpoint_000000/checkpoint.pt", "result.json"],
+        experiment / "bbbb0002_baseline_cnn": ["checkpoint_000000/checkpoint.pt"],
+        staging / "aaaa0001_baseline_cnn": ["result.json"],
+        staging / "bbbb0002_baseline_cnn": ["result.json", "params.json"],
+        staging / "cccc0003_vgg16": ["result.json"],  # started; no checkpoint yet
+    }.items():
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"{folder.parent.name}:{name}")
+    (experiment / "sweep.yaml").write_text("kept")
+
+    set_aside_unrecorded_trials(experiment, {"aaaa0001_baseline_cnn"}, staging)
+
+    aside = experiment / UNRECORDED_TRIALS_DIR
+    assert sorted(path.name for path in aside.iterdir()) == [
+        "bbbb0002_baseline_cnn",
+        "cccc0003_vgg16",
+    ]
+    assert sorted(
+        str(path.relative_to(aside / "bbbb0002_baseline_cnn"))
+        for path in (aside / "bbbb0002_baseline_cnn").rglob("*")
+        if path.is_file()
+    ) == ["checkpoint_000000/checkpoint.pt", "params.json", "result.json"]
+    assert sorted(path.name for path in staging.iterdir()) == ["aaaa0001_baseline_cnn"]
+    assert (experiment / "aaaa0001_baseline_cnn" / "result.json").is_file()
+    assert (experiment / "sweep.yaml").read_text() == "kept"
+    assert capsys.readouterr().out.count("was not in Ray's last snapshot") == 2
