@@ -30,9 +30,11 @@ class Settings:
     repeats: int  # runs of each side, interleaved; the figure uses their medians
     workdir: Path  # scratch space, removed when the suite ends
     cores: int
+    trials: int | None = None  # for benchmarks that run a number of trials: that number
 
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "==": operator.eq,
     ">=": operator.ge,
     "<=": operator.le,
     "<": operator.lt,

@@ -81,3 +81,54 @@ class ReplayTrial(tune.Trainable):
         result = dict(self.curve[self.iteration])
         result["done"] = self.iteration + 1 == len(self.curve)
         return result
+
+
+# In each replayed sweep checkpoint beside the model's files: the epochs completed, so
+# that a trial restored from it (a resumed sweep) replays from the next epoch.
+REPLAY_STATE = "replay.json"
+
+
+def replay_sweep_trial(
+    config: dict[str, Any],
+    curves: tuple[str, str],
+    checkpoint_files: dict[str, dict[str, bytes]],
+    epoch_seconds: float,
+) -> None:
+    """A sweep's trial that replays its config's curve instead of training.
+
+    Each epoch takes ``epoch_seconds`` (asleep: the GPU it stands for does the work)
+    and reports the curve's validation metrics (from the ``CurveServer`` actor that
+    ``curves``, a name and a namespace, finds: a handle would make every worker import
+    the surrogate's module) with a real checkpoint, the files
+    ``checkpoint_files`` holds for the trial's family: a small model the leaderboard
+    can evaluate. Each result also says where the epoch ran: the node, the GPU ids Ray
+    assigned, and when it started and ended, from which packing is measured.
+    """
+    import json
+    import tempfile
+    import time
+    from pathlib import Path
+
+    name, namespace = curves
+    curve = ray.get(ray.get_actor(name, namespace=namespace).curve.remote(config))
+    first = 0
+    if checkpoint := tune.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            first = json.loads((Path(directory) / REPLAY_STATE).read_text())["epochs"]
+    context = ray.get_runtime_context()
+    placement = {
+        "node_id": context.get_node_id(),
+        "gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids()),
+    }
+    for index in range(first, len(curve)):
+        started = time.time()
+        time.sleep(epoch_seconds)
+        with tempfile.TemporaryDirectory() as directory:
+            for name, content in checkpoint_files[config["family"]].items():
+                (Path(directory) / name).write_bytes(content)
+            (Path(directory) / REPLAY_STATE).write_text(json.dumps({"epochs": index + 1}))
+            result = {**curve[index], **placement, "epoch_started": started}
+            tune.report(
+                {**result, "epoch_ended": time.time()},
+                checkpoint=tune.Checkpoint.from_directory(directory),
+            )

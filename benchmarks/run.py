@@ -28,6 +28,7 @@ from tabulate import tabulate
 
 # Imported for their registration; each module is one benchmark.
 from benchmarks import (  # noqa: F401
+    cluster_scale,
     gpu_throughput,
     ingest_decode,
     input_pipeline,
@@ -54,6 +55,7 @@ SUITE = (
     "memory_concurrent_trials",
     "search_efficiency",
     "search_efficiency_real",
+    "cluster_scale",
     "quickstart_wall_time",
     "gpu_throughput",
 )
@@ -79,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        metavar="N",
+        help="trials for the benchmarks that run sweeps of many (cluster_scale: default "
+        "10000, 200 with --quick)",
     )
     parser.add_argument(
         "--wait-for-load",
@@ -254,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=1 if args.quick else REPEATS,
             workdir=Path(scratch),
             cores=os.cpu_count() or 1,
+            trials=args.trials,
         )
         for name in names:
             report["benchmarks"][name] = run_one(name, settings)

@@ -90,3 +90,24 @@ def test_the_results_record_the_machine_and_the_load(quick_results: dict[str, An
     assert len(quick_results["load_average"]["start"]) == 3
     assert len(quick_results["load_average"]["end"]) == 3
     assert quick_results["mode"] == "quick"
+
+
+def test_the_simulated_cluster_packs_four_trials_per_gpu_and_ends_with_every_trial(
+    quick_results: dict[str, Any],
+) -> None:
+    """The CI-sized cluster_scale run: two nodes, a few hundred replayed trials.
+
+    Trials of ``gpus: 0.25`` on a node that declares 2 GPUs run 8 at once, 4 on each
+    GPU id, each seeing one id; the driver is killed half-way and ``cxrtune resume``
+    ends the sweep with exactly the trials asked for.
+    """
+    from benchmarks.cluster_scale import QUICK_TRIALS
+
+    entry = quick_results["benchmarks"]["cluster_scale"]
+    rows = {row["case"]: row for row in entry["rows"]}
+    per_gpu = rows["packing: trials at once per GPU id"]
+    assert per_gpu["figure"] == 4 and per_gpu["met"]
+    assert per_gpu["one_gpu_share"] == 1.0
+    assert rows["packing: trials at once per node"]["figure"] == 8
+    resumed = rows["resume: trials at the end"]
+    assert resumed["figure"] == QUICK_TRIALS == entry["details"]["trials"]
