@@ -12,8 +12,9 @@ Measured, from outside the driver (``/proc``) and from the experiment dir after:
 
 - packing: trials at once per assigned GPU id (at most 4 at ``gpus: 0.25``) and per
   node (16 on a 4-GPU node), and that every trial saw exactly one GPU id;
-- driver CPU seconds per trial, at 1,000 trials and at the end, and the wall clock
-  against the ideal schedule (every slot busy from the first epoch to the last);
+- driver CPU seconds per trial, at 1,000 trials and at the end, and per reported
+  epoch (which bounds the trials at once one driver keeps up with), and the wall
+  clock against the ideal schedule (every slot busy from the first epoch to the last);
 - driver memory (RSS) from trial 1,000 to the end;
 - bytes of the experiment dir per trial, at half the trials and at the end;
 - the searcher's ask and tell latency as the study grows (``_searcher_latency``);
@@ -57,6 +58,8 @@ QUICK_GPUS_PER_NODE = 2
 # real epochs, short enough that ten thousand trials end within the hour.
 EPOCH_SECONDS = 0.5
 MAX_EPOCHS = 6
+# An epoch of a real trial on a GPU share, for the trials-at-once a driver keeps up with.
+REAL_EPOCH_S = 60.0
 # Study sizes at which the searcher's latency is read (its own run, without Ray).
 LATENCY_SIZES, QUICK_LATENCY_SIZES = (100, 1_000, 5_000, 10_000), (50, 100, 200)
 WINDOW_TRIALS = 250
@@ -428,6 +431,18 @@ def summarise(
             f"{wall_s:.0f}s against an ideal {ideal_s:.0f}s, "
             f"{(wall_s - ideal_s) / trials:.3f}s per trial over it",
             extra={"marginal_s": cpu_slope, "wall_s": wall_s, "ideal_s": ideal_s},
+        ),
+        Row(
+            # The driver's work per result bounds the trials it keeps up with: results
+            # arrive at (trials at once) / (epoch length) per second.
+            case="driver CPU per reported epoch",
+            figure=cpu_total / epochs,
+            figure_kind="seconds",
+            goal=None,
+            candidate=Side("sweep + resume", "s/epoch", [cpu_total / epochs]),
+            notes=f"{epochs:,} epochs; one driver core keeps up with about "
+            f"{REAL_EPOCH_S / (cpu_total / epochs):,.0f} trials at once at "
+            f"{REAL_EPOCH_S:.0f} s epochs",
         ),
         Row(
             case=f"driver memory growth, trial {early:,} to {trials:,}",
