@@ -378,7 +378,9 @@ def summarise(
     half = trials // 2
     cpu_early, rss_early = reading_at(first, finished[early - 1])
     cpu_total = first.readings[-1][1] + second.readings[-1][1]
-    rss_end = second.readings[-1][2]
+    # At the last trial's end: after it the driver builds the leaderboard, whose memory
+    # is not the trials'.
+    _, rss_end = reading_at(second, finished[-1])
     # The first driver ran without a break from trial ``early`` to its kill near ``half``.
     cpu_slope, rss_slope = slopes(first, finished, early, half)
     placement = packing(rows)
