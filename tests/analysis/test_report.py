@@ -613,3 +613,32 @@ def test_the_decision_summary_leads_with_rank_1_then_the_best_of_each_family() -
     assert summary[""].tolist() == ["recommended", "best vgg16", "best baseline_cnn"]
     assert summary["trial"].tolist() == ["a", "a", "c"]
     assert summary["test AUC (95% CI)"].iloc[0] == "0.95 (0.93\N{EN DASH}0.97)"
+
+
+def test_importance_of_a_large_study_is_read_from_a_seeded_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from optuna.importance import FanovaImportanceEvaluator
+
+    monkeypatch.setattr(report, "IMPORTANCE_TRIALS", 5)
+    seen: list[list[int]] = []
+    evaluate = FanovaImportanceEvaluator.evaluate
+
+    def recording(self: Any, study: optuna.Study, **kwargs: Any) -> Any:
+        seen.append([trial.number for trial in study.trials])
+        return evaluate(self, study, **kwargs)
+
+    monkeypatch.setattr(FanovaImportanceEvaluator, "evaluate", recording)
+    trials = [
+        search_trial("baseline_cnn", imbalance, lr, (0.1 * (index % 7), 0.5 + 0.01 * index))
+        for index, (imbalance, lr) in enumerate(
+            [
+                (kind, rate)
+                for kind in ("none", "oversample", "class_weight")
+                for rate in (1e-4, 1e-3, 3e-3)
+            ]
+        )
+    ]
+    first = report.parameter_importance(in_memory_study(trials))
+    assert seen and all(len(numbers) == 5 for numbers in seen)
+    assert first.equals(report.parameter_importance(in_memory_study(trials)))
