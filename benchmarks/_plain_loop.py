@@ -20,8 +20,8 @@ import torch
 
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import epoch_indices, evaluate, loss_class_weights, train_one_epoch
+from cxrtune.trainables.fit import TrialData, build_optimizer
 from cxrtune.trainables.models import create_model
-from cxrtune.trainables.trainable import TrialData, build_optimizer
 
 
 def save_trial_data(data: TrialData, path: Path) -> None:

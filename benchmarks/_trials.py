@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrtune.trainables.trainable import TrialData, train_trial
+from cxrtune.trainables.fit import TrialData
+from cxrtune.trainables.trainable import train_trial
 
 ENTERED_KEY = "bench_entered_unix"  # the worker entered the trainable
 FIRST_BATCH_KEY = "bench_first_batch_unix"  # train_one_epoch was first called
@@ -56,10 +57,10 @@ def timed_train_trial(config: dict[str, Any], data: TrialData) -> None:
     entered = time.time()
     import ray.tune
 
-    import cxrtune.trainables.trainable as trainable_module
+    import cxrtune.trainables.fit as fit_module
 
     timings: dict[str, float] = {}
-    original_epoch, original_report = trainable_module.train_one_epoch, ray.tune.report
+    original_epoch, original_report = fit_module.train_one_epoch, ray.tune.report
 
     def timed_epoch(*args: Any, **kwargs: Any) -> float:
         timings.setdefault(FIRST_BATCH_KEY, time.time())
@@ -72,12 +73,12 @@ def timed_train_trial(config: dict[str, Any], data: TrialData) -> None:
     def report(metrics: dict[str, Any], **kwargs: Any) -> None:
         original_report({**metrics, ENTERED_KEY: entered, **timings}, **kwargs)
 
-    trainable_module.train_one_epoch = timed_epoch
+    fit_module.train_one_epoch = timed_epoch
     ray.tune.report = report
     try:
         train_trial(config, data)
     finally:
-        trainable_module.train_one_epoch = original_epoch
+        fit_module.train_one_epoch = original_epoch
         ray.tune.report = original_report
 
 

@@ -23,7 +23,7 @@ from benchmarks._harness import (
 )
 from benchmarks._trials import synthetic_trial_data
 from cxrtune.trainables.config import TrialConfig
-from cxrtune.trainables.trainable import TrialData
+from cxrtune.trainables.fit import TrialData
 
 IMAGE_SIZE = 128
 EPOCHS = 2  # the last one is timed
@@ -36,8 +36,8 @@ FAMILY_SETTINGS = {
 
 def images_per_second(config: TrialConfig, data: TrialData, device: torch.device) -> float:
     from cxrtune.trainables.engine import epoch_indices, train_one_epoch
+    from cxrtune.trainables.fit import build_optimizer
     from cxrtune.trainables.models import create_model
-    from cxrtune.trainables.trainable import build_optimizer
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from cxrtune.trainables.trainable import TrialData
+    from cxrtune.trainables.fit import TrialData
 
 TABLE = Path(__file__).resolve().parent / "data" / "curves.csv.gz"
 MAX_EPOCHS = 6
@@ -103,8 +103,8 @@ def train_curve(config_id: int, config: dict[str, Any], seed: int) -> list[dict[
 
     from cxrtune.trainables.config import TrialConfig
     from cxrtune.trainables.engine import epoch_indices, loss_class_weights, train_one_epoch
+    from cxrtune.trainables.fit import build_optimizer, epoch_metrics
     from cxrtune.trainables.models import create_model
-    from cxrtune.trainables.trainable import build_optimizer, epoch_metrics
 
     torch.set_num_threads(1)
     data = recording_data()

@@ -8,7 +8,6 @@ default. ``--set key=value`` overrides use the same validation.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import yaml
 
 from cxrtune.analysis.storage import has_credentials, is_remote, redacted
 from cxrtune.spaces import FAMILIES, get_space
+from cxrtune.trainables.config import OPTIMIZERS, FamilyResources
 from cxrtune.trainables.layouts import LAYOUTS
 
 SAMPLERS = ("tpe", "nsga2")
@@ -38,32 +38,6 @@ SEARCHABLE_METRICS = (
 
 class SweepConfigError(ValueError):
     """The sweep file is invalid; the message names the key."""
-
-
-@dataclass(frozen=True)
-class FamilyResources:
-    """What one trial of a family reserves: ``workers`` processes, each ``cpus`` and ``gpus``."""
-
-    cpus: float = 1.0  # CPU cores per worker; torch uses this many threads
-    gpus: float = 0.0  # per worker, at most 1; fractions share a GPU (0.25: four trials on one)
-    workers: int = 1  # more than 1: the trial trains data-parallel on this many workers
-
-    def problem(self) -> str | None:
-        """What is wrong with these resources, or ``None``."""
-        if self.cpus <= 0 or self.gpus < 0:
-            return "cpus must be > 0 and gpus >= 0"
-        if self.workers < 1:
-            return f"workers must be at least 1, got {self.workers}"
-        if self.gpus > 1:
-            # One worker process trains on one device; more GPUs mean more workers.
-            return (
-                f"gpus is per worker and at most 1, got {self.gpus:g}; to train a trial "
-                f"on {self.gpus:g} GPUs, set workers: {math.ceil(self.gpus)} and gpus: 1"
-            )
-        if self.workers > 1 and 0 < self.gpus < 1:
-            # NCCL cannot run two ranks of one job on the same GPU.
-            return "data-parallel workers (workers > 1) need a whole GPU each: gpus 0 or 1"
-        return None
 
 
 @dataclass(frozen=True)
@@ -188,8 +162,10 @@ class SweepConfig:
                 f"stopped_trials: must be one of {list(STOPPED_TRIAL_POLICIES)}, "
                 f"got {self.stopped_trials!r}"
             )
-        if self.optimizer not in ("adam", "adamw"):
-            raise SweepConfigError(f"optimizer: must be adam or adamw, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SweepConfigError(
+                f"optimizer: must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         positive = {
             "image_size": self.image_size,
             "num_samples": self.num_samples,

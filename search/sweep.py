@@ -45,6 +45,7 @@ from cxrtune.trainables.data import (
     find_positive_class,
     ingest,
 )
+from cxrtune.trainables.fit import TrialData
 from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY
 from cxrtune.trainables.splits import (
     SPLITS,
@@ -54,7 +55,6 @@ from cxrtune.trainables.splits import (
     make_splits,
     write_splits,
 )
-from cxrtune.trainables.trainable import TrialData
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid

@@ -37,8 +37,10 @@ from cxrtune.search.retention import CheckpointRetention
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
 from cxrtune.search.searcher import StudySearcher, metric_mode
 from cxrtune.spaces import get_space
+from cxrtune.trainables.config import FamilyResources
+from cxrtune.trainables.fit import TrialData
 from cxrtune.trainables.models import StateDict
-from cxrtune.trainables.trainable import TrialData, WorkerResources, train_trial
+from cxrtune.trainables.trainable import train_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -107,12 +109,10 @@ class FamilyResourcesFn:
         raise ValueError(f"no resources configured for family {config['family']!r}")
 
 
-def data_parallel_resources(config: SweepConfig) -> dict[str, WorkerResources]:
+def data_parallel_resources(config: SweepConfig) -> dict[str, FamilyResources]:
     """The families that train data-parallel, with what each of their workers holds."""
     return {
-        family: WorkerResources(workers=r.workers, cpus=r.cpus, gpus=r.gpus)
-        for family, r in config.resources.items()
-        if r.workers > 1
+        family: resources for family, resources in config.resources.items() if resources.workers > 1
     }
 
 

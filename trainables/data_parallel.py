@@ -20,39 +20,22 @@ trial Tune stops still gets its workers shut down by Ray Train.
 from __future__ import annotations
 
 import contextlib
-import math
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import UserCallback
 
-from cxrtune.trainables.config import TrialConfig
-from cxrtune.trainables.engine import (
-    choose_precision,
-    epoch_indices,
-    epoch_seed,
-    grad_scaler,
-    loss_class_weights,
-    shard_for_rank,
-    train_one_epoch,
-)
-from cxrtune.trainables.models import StateDict, create_model
-from cxrtune.trainables.trainable import (
-    TrialData,
-    WorkerResources,
-    build_optimizer,
-    epoch_metrics,
-    on_device,
-    restore,
-    save_epoch_checkpoint,
-    wait_for_device_memory,
-)
+from cxrtune.trainables.config import FamilyResources, TrialConfig
+from cxrtune.trainables.devices import wait_for_device_memory
+from cxrtune.trainables.fit import TrialData, fit
+from cxrtune.trainables.models import StateDict
+
+__all__ = ["ReportToTune", "TrainReports", "TrialStopped", "train_data_parallel"]
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -95,7 +78,7 @@ def train_data_parallel(
     trial: TrialConfig,
     data: TrialData,
     state: dict[str, Any] | None,
-    resources: WorkerResources,
+    resources: FamilyResources,
     pretrained: StateDict | None = None,
 ) -> None:
     """Run the trial as a Ray Train run on ``resources.workers`` workers; the Tune trial drives.
@@ -268,19 +251,10 @@ def _remove_run_folder(filesystem: Any, path: str) -> None:
 
 
 def data_parallel_worker(loop_config: dict[str, Any]) -> None:
-    """The training loop on one Ray Train worker (all of them run it).
-
-    Every worker draws the same epoch order from the trial's seeded generator
-    and trains on its own shard of it (``shard_for_rank``), with a per-worker
-    batch of ``ceil(batch_size / workers)``, so one step of all workers is one
-    step on a batch of about ``batch_size``. Rank 0 evaluates on val and writes
-    the checkpoint; all report, so the run moves on together.
-    """
-    import ray.train
+    """The training loop of each Ray Train worker: ``fit``, reporting to Train."""
+    # Train's torch backend loads in the workers only, not in the trial that drives them.
     import ray.train.torch
 
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     trial = TrialConfig.from_dict(loop_config["trial"])
     data: TrialData = ray.get(loop_config["data"])
     state = ray.get(loop_config["state"]) if loop_config["state"] is not None else None
@@ -291,53 +265,29 @@ def data_parallel_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(loop_config["threads"])
     if device.type == "cuda":
         wait_for_device_memory(loop_config["gpus"], lambda: torch.cuda.mem_get_info(device))
+    fit(trial, data, state, device, TrainReports(), pretrained)
 
-    torch.manual_seed(trial.seed)
-    generator = torch.Generator().manual_seed(trial.seed)  # the epoch order, shared
-    model = create_model(trial, len(data.class_names), data.image_size, pretrained).to(device)
-    optimizer = build_optimizer(trial, model)
-    precision = choose_precision(device)
-    # Rank 0's scale is every worker's: all step on the same all-reduced gradients.
-    scaler = grad_scaler(device, precision)
-    completed_epochs = restore(state, model, optimizer, generator, scaler) if state else 0
-    replicated = ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
-    batch_size = math.ceil(trial.batch_size / world_size)
 
-    train_images, train_labels = on_device(data.train_images, data.train_labels, device)
-    if rank == 0:
-        val_images, val_labels = on_device(data.val_images, data.val_labels, device)
-    class_weights = loss_class_weights(data.train_labels, len(data.class_names), trial.imbalance)
-    for epoch in range(completed_epochs + 1, trial.max_epochs + 1):
-        started = time.perf_counter()
-        order = epoch_indices(data.train_labels, trial.imbalance, generator)
-        # Each worker's dropout and augmentation draws differ, and a resumed
-        # trial repeats them exactly.
-        torch.manual_seed(epoch_seed(trial.seed, epoch, rank))
-        shard_loss = train_one_epoch(
-            replicated,
-            optimizer,
-            train_images,
-            train_labels,
-            shard_for_rank(order, rank, world_size),
-            batch_size=batch_size,
-            class_weights=class_weights,
-            augment_strength=trial.augment_strength,
-            generator=torch.Generator().manual_seed(epoch_seed(trial.seed, epoch, rank)),
-            precision=precision,
-            scaler=scaler,
-        )
+class TrainReports:
+    """One Ray Train worker of a data-parallel trial: DDP, and each epoch reported to Train."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def replicate(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP; starts from rank 0's weights
+
+    def mean_train_loss(self, loss: float, device: torch.device) -> float:
         # Shards are the same size, so the mean of the workers' means is the epoch's mean.
-        loss = torch.tensor([shard_loss], device=device)
-        dist.all_reduce(loss)
-        train_loss = loss.item() / world_size
-        if rank != 0:
-            ray.train.report({"epoch": epoch, "train_loss": train_loss})
-            continue
-        metrics = epoch_metrics(
-            epoch, train_loss, model, val_images, val_labels, data, precision, started
+        total = torch.tensor([loss], device=device)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None,
         )
-        with tempfile.TemporaryDirectory() as directory:
-            save_epoch_checkpoint(
-                Path(directory), model, optimizer, trial, generator, data, metrics, scaler
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -12,7 +12,7 @@ from cxrtune.search.tuner import (
     FamilyResourcesFn,
     data_parallel_resources,
 )
-from cxrtune.trainables.trainable import WorkerResources
+from cxrtune.trainables.config import FamilyResources
 
 
 def test_each_family_gets_its_own_bundle_and_a_data_parallel_one_only_its_driver() -> None:
@@ -29,7 +29,7 @@ def test_each_family_gets_its_own_bundle_and_a_data_parallel_one_only_its_driver
     assert resources({"family": "baseline_cnn"}).bundles == [{"CPU": 2.0, "GPU": 0.25}]
     assert resources({"family": "vgg16"}).bundles == [DATA_PARALLEL_DRIVER]
     assert data_parallel_resources(config) == {
-        "vgg16": WorkerResources(workers=2, cpus=4.0, gpus=1.0)
+        "vgg16": FamilyResources(workers=2, cpus=4.0, gpus=1.0)
     }
     with pytest.raises(ValueError, match="resnet"):
         resources({"family": "resnet"})

@@ -172,7 +172,7 @@ def save_and_restore(
     directory: Path, scaler: torch.amp.GradScaler | None, fresh_scaler: torch.amp.GradScaler | None
 ) -> dict[str, object]:
     """Save a baseline_cnn checkpoint with ``scaler``, read it, restore it with ``fresh_scaler``."""
-    from cxrtune.trainables.trainable import restore
+    from cxrtune.trainables.fit import restore
 
     config = TrialConfig(family="baseline_cnn", lr=1e-3, batch_size=8, imbalance="none")
     model = create_model(config, num_classes=2, image_size=16)

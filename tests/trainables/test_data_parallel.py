@@ -18,8 +18,8 @@ from cxrtune.search.progress import SweepProgress
 from cxrtune.trainables.checkpoints import read_checkpoint
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.engine import shard_for_rank, train_one_epoch
+from cxrtune.trainables.fit import TrialData
 from cxrtune.trainables.models import create_model
-from cxrtune.trainables.trainable import TrialData
 from tests.trainables.test_trainable import TRIAL_METRIC_KEYS
 
 SIZE = 16
@@ -186,13 +186,14 @@ def test_a_two_worker_trial_that_tune_stops_early_shuts_its_workers_down(
     from ray import tune
 
     from cxrtune.search.tuner import FamilyResourcesFn
-    from cxrtune.trainables.trainable import WorkerResources, train_trial
+    from cxrtune.trainables.config import FamilyResources
+    from cxrtune.trainables.trainable import train_trial
 
     config = {"family": "baseline_cnn", "lr": 1e-3, "batch_size": 8, "imbalance": "none"}
     trainable = tune.with_parameters(
         train_trial,
         data=tiny_data(),
-        data_parallel={"baseline_cnn": WorkerResources(workers=2, cpus=1.0, gpus=0.0)},
+        data_parallel={"baseline_cnn": FamilyResources(workers=2, cpus=1.0, gpus=0.0)},
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, FamilyResourcesFn((("baseline_cnn", 1.0, 0.0, 2),))),
@@ -241,7 +242,8 @@ def test_a_two_worker_trial_that_loses_a_worker_resumes_from_its_last_checkpoint
     from ray import tune
 
     from cxrtune.search.tuner import FamilyResourcesFn
-    from cxrtune.trainables.trainable import WorkerResources, train_trial
+    from cxrtune.trainables.config import FamilyResources
+    from cxrtune.trainables.trainable import train_trial
 
     kill = KillAWorkerAfterTheFirstEpoch()
 
@@ -254,7 +256,7 @@ def test_a_two_worker_trial_that_loses_a_worker_resumes_from_its_last_checkpoint
     trainable = tune.with_parameters(
         train_trial,
         data=tiny_data(),
-        data_parallel={"baseline_cnn": WorkerResources(workers=2, cpus=1.0, gpus=0.0)},
+        data_parallel={"baseline_cnn": FamilyResources(workers=2, cpus=1.0, gpus=0.0)},
     )
     config = {"family": "baseline_cnn", "lr": 1e-3, "batch_size": 8, "imbalance": "none"}
     tuner = tune.Tuner(

@@ -12,11 +12,12 @@ import torch
 import torchvision
 from ray import tune
 
-from cxrtune.trainables import trainable
+from cxrtune.trainables import devices, fit, trainable
 from cxrtune.trainables.checkpoints import read_checkpoint
 from cxrtune.trainables.engine import NonFiniteLossError
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
-from cxrtune.trainables.trainable import TrialData, train_trial
+from cxrtune.trainables.fit import TrialData
+from cxrtune.trainables.trainable import train_trial
 
 CONFIG = {
     "family": "regularized_cnn",
@@ -75,7 +76,7 @@ class FakeTune:
         monkeypatch.setattr(tune, "report", self.report)
         restored = tune.Checkpoint.from_directory(resume_from) if resume_from else None
         monkeypatch.setattr(tune, "get_checkpoint", lambda: restored)
-        assigned = trainable.AssignedResources(1, torch.device("cpu"), 0.0)
+        assigned = devices.AssignedResources(1, torch.device("cpu"), 0.0)
         monkeypatch.setattr(trainable, "assigned_resources", lambda: assigned)
 
     def report(self, metrics: dict[str, Any], checkpoint: tune.Checkpoint | None = None) -> None:
@@ -121,8 +122,8 @@ def test_a_resumed_fp16_trial_on_a_gpu_continues_exactly_where_it_stopped(
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     # fp16 (not the bf16 a recent GPU gets) so that the trial has a GradScaler.
-    monkeypatch.setattr(trainable, "choose_precision", lambda device: "fp16")
-    gpu = trainable.AssignedResources(1, torch.device("cuda"), 1.0)
+    monkeypatch.setattr(fit, "choose_precision", lambda device: "fp16")
+    gpu = devices.AssignedResources(1, torch.device("cuda"), 1.0)
 
     (tmp_path / "full").mkdir()
     uninterrupted = FakeTune(monkeypatch, tmp_path / "full", resume_from=None)
@@ -164,14 +165,14 @@ def test_a_non_finite_loss_ends_the_trial_with_its_error_after_the_epochs_it_rep
 ) -> None:
     """Item 8: the trial returns (Tune will not retry it) with a last result holding the error."""
     session = FakeTune(monkeypatch, tmp_path, resume_from=None)
-    real_train_one_epoch = trainable.train_one_epoch
+    real_train_one_epoch = fit.train_one_epoch
 
     def diverge_in_epoch_two(*args: Any, **kwargs: Any) -> float:
         if len(session.reports) == 1:
             raise NonFiniteLossError("training loss became nan at step 3")
         return real_train_one_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(trainable, "train_one_epoch", diverge_in_epoch_two)
+    monkeypatch.setattr(fit, "train_one_epoch", diverge_in_epoch_two)
     train_trial(dict(CONFIG), tiny_data())
     assert [report.get("epoch") for report in session.reports] == [1, None]
     assert session.reports[1] == {
@@ -216,7 +217,7 @@ def test_a_trial_given_a_gpu_waits_for_the_memory_a_stopped_trial_still_holds() 
     total = 80 * 2**30
     # The stopped trial's process lets go of its memory after 6 s.
     free = lambda: (total if clock.now >= 6 else total // 10, total)  # noqa: E731
-    started = trainable.wait_for_device_memory(
+    started = devices.wait_for_device_memory(
         1.0, free, timeout_s=60, poll_s=2, sleep=clock.sleep, clock=lambda: clock.now
     )
     assert started and clock.now == 6
@@ -225,7 +226,7 @@ def test_a_trial_given_a_gpu_waits_for_the_memory_a_stopped_trial_still_holds() 
 def test_a_quarter_gpu_trial_starts_beside_neighbours_that_leave_it_a_quarter() -> None:
     clock = FakeClock()
     total = 80 * 2**30
-    started = trainable.wait_for_device_memory(
+    started = devices.wait_for_device_memory(
         0.25,
         lambda: (total // 4, total),
         timeout_s=60,
@@ -240,7 +241,7 @@ def test_the_wait_for_gpu_memory_gives_up_after_its_timeout_and_says_so(
 ) -> None:
     clock = FakeClock()
     total = 16 * 2**30
-    started = trainable.wait_for_device_memory(
+    started = devices.wait_for_device_memory(
         1.0, lambda: (0, total), timeout_s=10, poll_s=2, sleep=clock.sleep, clock=lambda: clock.now
     )
     assert not started and clock.now == 10
@@ -252,7 +253,7 @@ def test_a_failed_trial_lets_go_of_its_model_before_its_error_is_handled(
 ) -> None:
     FakeTune(monkeypatch, tmp_path, resume_from=None)
     models: list[weakref.ref[torch.nn.Module]] = []
-    real_create_model = trainable.create_model
+    real_create_model = fit.create_model
 
     def create_model(*args: Any) -> torch.nn.Module:
         model = real_create_model(*args)
@@ -263,8 +264,8 @@ def test_a_failed_trial_lets_go_of_its_model_before_its_error_is_handled(
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     released: list[torch.device] = []
-    monkeypatch.setattr(trainable, "create_model", create_model)
-    monkeypatch.setattr(trainable, "train_one_epoch", fail)
+    monkeypatch.setattr(fit, "create_model", create_model)
+    monkeypatch.setattr(fit, "train_one_epoch", fail)
     monkeypatch.setattr(trainable, "release_device_memory", released.append)
     # An out-of-memory error may not recur (a neighbour held the memory): it
     # propagates, for Tune to retry the trial.
