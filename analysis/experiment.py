@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -75,6 +76,8 @@ MIRRORED_TOP_LEVEL_FILES = (
     LEADERBOARD_MD,
 )
 MIRRORED_TRIAL_FILES = (PARAMS_FILE, RESULTS_FILE, ERROR_FILE, EVALUATION_FILE)
+# The result.json key naming the checkpoint folder Ray wrote with each epoch.
+CHECKPOINT_COLUMN = "checkpoint_dir_name"
 
 
 def optuna_journal(experiment: RemoteDir) -> AppendedFile:
@@ -246,8 +249,6 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
     Only files missing locally or changed remotely are downloaded; local files the
     remote dir no longer has are deleted, so the mirror never shows a trial that is gone.
     """
-    from cxrtune.analysis.leaderboard import CHECKPOINT_COLUMN, best_epoch_row
-
     remote_files = {remote.relative_path: remote for remote in experiment.files()}
     if not remote_files:
         raise ExperimentError(f"experiment dir not found: {experiment.display}")
@@ -309,3 +310,49 @@ def file_states(directory: Path) -> dict[str, tuple[int, int]]:
             stat = path.stat()
             states[path.relative_to(directory).as_posix()] = (stat.st_size, stat.st_mtime_ns)
     return states
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Labels and class probabilities (``N x C``) of one split, as kept in ``evaluation.json``."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Predictions of the checkpoints an evaluator read, and why it could not read the others."""
+
+    predictions: dict[str, dict[str, Predictions]]  # trial id -> split -> predictions
+    unreadable: dict[str, str] = field(default_factory=dict)  # trial id -> reason
+
+
+# Evaluates chosen checkpoints (trial id -> checkpoint folder) of an experiment on val
+# and test. A checkpoint that cannot be read (``CheckpointCorruptError``) is reported in
+# ``unreadable``; any other error propagates.
+Evaluator = Callable[[Experiment, Mapping[str, Path]], Evaluations]
+
+
+def best_epoch_row(
+    results: pd.DataFrame, metric: str, mode: str, checkpoints: Collection[str]
+) -> pd.Series | None:
+    """The reported epoch with the best ``metric`` among those whose checkpoint still exists.
+
+    ``checkpoints`` names the checkpoint folders that still exist: ``result.json``
+    also names the ones Ray deleted beyond ``checkpoints_to_keep``. The latest of
+    tied epochs wins, as in Ray, which keeps the latest of equal scores.
+    """
+    if results.empty or metric not in results or CHECKPOINT_COLUMN not in results:
+        return None
+    # Plain numpy, not boolean frame indexing: this runs once per trial, 10,000 times
+    # in a large sweep, where pandas' indexing alone took most of a minute.
+    values = results[metric].to_numpy(dtype=float, na_value=np.nan)
+    kept = np.fromiter(
+        (name in checkpoints for name in results[CHECKPOINT_COLUMN]), dtype=bool, count=len(values)
+    )
+    candidates = kept & ~np.isnan(values)
+    if not candidates.any():
+        return None
+    best = values[candidates].max() if mode == "max" else values[candidates].min()
+    return results.iloc[int(np.flatnonzero(candidates & (values == best))[-1])]

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,19 +60,23 @@ import numpy as np
 import pandas as pd
 
 from cxrtune.analysis.experiment import (
+    CHECKPOINT_COLUMN,
     EVALUATION_FILE,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
+    Evaluator,
     Experiment,
+    Predictions,
     TrialRecord,
+    best_epoch_row,
 )
-from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, rank_trials
-from cxrtune.analysis.statistics import (
+from cxrtune.analysis.intervals import (
     INTERVAL_METRICS,
     metric_intervals,
     recall_and_specificity_at,
     threshold_for_specificity,
 )
+from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, rank_trials
 from cxrtune.trainables.metrics import classification_metrics, recall_at_specificity
 
 DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
@@ -123,30 +127,6 @@ COLUMNS = (
     *TEST_COLUMNS,
     *HYPERPARAMETERS,
 )
-# The result.json key naming the checkpoint folder Ray wrote with each epoch.
-CHECKPOINT_COLUMN = "checkpoint_dir_name"
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Labels and class probabilities (``N x C``) of one split, as kept in ``evaluation.json``."""
-
-    labels: np.ndarray
-    probabilities: np.ndarray
-
-
-@dataclass(frozen=True)
-class Evaluations:
-    """Predictions of the checkpoints an evaluator read, and why it could not read the others."""
-
-    predictions: dict[str, dict[str, Predictions]]  # trial id -> split -> predictions
-    unreadable: dict[str, str] = field(default_factory=dict)  # trial id -> reason
-
-
-# Evaluates chosen checkpoints (trial id -> checkpoint folder) of an experiment on val
-# and test. A checkpoint that cannot be read (``CheckpointCorruptError``) is reported in
-# ``unreadable``; any other error propagates.
-Evaluator = Callable[[Experiment, Mapping[str, Path]], Evaluations]
 
 
 @dataclass(frozen=True)
@@ -160,30 +140,6 @@ class Leaderboard:
     # trial id -> split ("val", "test") -> predictions of the chosen checkpoint
     predictions: dict[str, dict[str, Predictions]] = field(default_factory=dict)
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # what the ranking used, in order
-
-
-def best_epoch_row(
-    results: pd.DataFrame, metric: str, mode: str, checkpoints: Collection[str]
-) -> pd.Series | None:
-    """The reported epoch with the best ``metric`` among those whose checkpoint still exists.
-
-    ``checkpoints`` names the checkpoint folders that still exist: ``result.json``
-    also names the ones Ray deleted beyond ``checkpoints_to_keep``. The latest of
-    tied epochs wins, as in Ray, which keeps the latest of equal scores.
-    """
-    if results.empty or metric not in results or CHECKPOINT_COLUMN not in results:
-        return None
-    # Plain numpy, not boolean frame indexing: this runs once per trial, 10,000 times
-    # in a large sweep, where pandas' indexing alone took most of a minute.
-    values = results[metric].to_numpy(dtype=float, na_value=np.nan)
-    kept = np.fromiter(
-        (name in checkpoints for name in results[CHECKPOINT_COLUMN]), dtype=bool, count=len(values)
-    )
-    candidates = kept & ~np.isnan(values)
-    if not candidates.any():
-        return None
-    best = values[candidates].max() if mode == "max" else values[candidates].min()
-    return results.iloc[int(np.flatnonzero(candidates & (values == best))[-1])]
 
 
 def unranked_reason(record: TrialRecord, metric: str) -> str:
@@ -328,7 +284,8 @@ def resolve_evaluate_top(experiment: Experiment, evaluate_top: int | None, ranke
 
 
 def _in_process_evaluator(device: str) -> Evaluator:
-    from cxrtune.analysis.test_evaluation import evaluate_in_process
+    # torch loads only when checkpoints are evaluated, not for reading a leaderboard.
+    from cxrtune.analysis.evaluation import evaluate_in_process
 
     return partial(evaluate_in_process, device=device)
 

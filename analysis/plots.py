@@ -1,9 +1,10 @@
 """Drawing the report's tables with matplotlib: one function per figure.
 
-Each function takes a frame built by ``cxrtune.analysis.report`` and returns a ``Figure``; none
-computes a number the table does not already hold. ``png_bytes`` renders a figure. Every figure
-gets its own Agg canvas instead of going through pyplot, so no window backend is ever chosen,
-nothing piles up in pyplot's global state, and a user's own pyplot backend is left alone.
+Each function takes a frame built by ``cxrtune.analysis.report_tables`` and returns a
+``Figure``; none computes a number the table does not already hold. ``png_bytes`` renders
+a figure. Every figure gets its own Agg canvas instead of going through pyplot, so no window
+backend is ever chosen, nothing piles up in pyplot's global state, and a user's own pyplot
+backend is left alone.
 """
 
 from __future__ import annotations

@@ -413,8 +413,8 @@ def print_next_commands(experiment_dir: str) -> None:
 
 def run_report_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
-    from cxrtune.analysis.html_report import write_report
     from cxrtune.analysis.outputs import writable_folder
+    from cxrtune.analysis.report import write_report
     from cxrtune.analysis.storage import is_remote, joined
 
     if args.out is not None:

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrtune.analysis.experiment import SPLITS_FILE, Experiment
-from cxrtune.analysis.leaderboard import Evaluations, Evaluator
+from cxrtune.analysis.experiment import SPLITS_FILE, Evaluations, Evaluator, Experiment
 from cxrtune.analysis.storage import RemoteDir, is_remote, joined, redacted
 
 __all__ = ["EVALUATION_GPUS", "ray_evaluator", "task_resources"]
@@ -71,7 +70,8 @@ def evaluate_on_ray(
     """
     import ray
 
-    from cxrtune.analysis.test_evaluation import EvaluationSet, evaluate_in_process
+    # torch loads only in a sweep or command that evaluates checkpoints.
+    from cxrtune.analysis.evaluation import EvaluationSet, evaluate_in_process
 
     if not ray.is_initialized():
         return evaluate_in_process(experiment, checkpoints)
@@ -113,7 +113,7 @@ def evaluate_task(
     import ray
     import torch
 
-    from cxrtune.analysis.test_evaluation import evaluate_checkpoint, unreadable_reason
+    from cxrtune.analysis.evaluation import evaluate_checkpoint, unreadable_reason
     from cxrtune.trainables.checkpoints import CheckpointCorruptError
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cxrtune.analysis.evaluation import EvaluationSet
 from cxrtune.analysis.experiment import SPLITS_FILE, read_experiment
 from cxrtune.analysis.export import MODEL_FILE, ExportError, export_model, load_exported
+from cxrtune.analysis.intervals import threshold_for_specificity
 from cxrtune.analysis.leaderboard import Leaderboard, build_leaderboard
-from cxrtune.analysis.statistics import threshold_for_specificity
-from cxrtune.analysis.test_evaluation import EvaluationSet
 from cxrtune.trainables.checkpoints import read_checkpoint
 from cxrtune.trainables.metrics import classification_metrics
 from cxrtune.trainables.models import GRAY_MEAN, GRAY_STD

@@ -14,20 +14,24 @@ import pytest
 import torch
 from sklearn.metrics import recall_score, roc_auc_score, roc_curve
 
-from cxrtune.analysis.experiment import DatasetInfo, ExperimentError, read_experiment
+from cxrtune.analysis.experiment import (
+    DatasetInfo,
+    ExperimentError,
+    Predictions,
+    best_epoch_row,
+    read_experiment,
+)
+from cxrtune.analysis.intervals import stratified_bootstrap_ci
 from cxrtune.analysis.leaderboard import (
     COLUMNS,
     HYPERPARAMETERS,
     TEST_COLUMNS,
     Leaderboard,
-    Predictions,
-    best_epoch_row,
     build_leaderboard,
     format_leaderboard,
     held_out_metrics,
     write_leaderboard,
 )
-from cxrtune.analysis.statistics import stratified_bootstrap_ci
 from cxrtune.trainables.checkpoints import save_checkpoint
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.data import Dataset, write_cache
@@ -305,10 +309,10 @@ def test_a_sweep_file_sets_the_target_specificity(tmp_path: Path) -> None:
 def test_cached_evaluations_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     experiment = make_experiment(tmp_path)
     first = build_leaderboard(read_experiment(experiment))
-    import cxrtune.analysis.test_evaluation as test_evaluation
+    import cxrtune.analysis.evaluation as evaluation
 
     monkeypatch.setattr(
-        test_evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("re-evaluated")
+        evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("re-evaluated")
     )
     second = build_leaderboard(read_experiment(experiment))
     pd.testing.assert_frame_equal(first.ranked, second.ranked)
@@ -322,16 +326,16 @@ def test_an_evaluation_of_another_checkpoint_is_not_reused(
     cache = experiment / "t2_regularized_cnn" / "evaluation.json"
     saved = json.loads(cache.read_text())
     cache.write_text(json.dumps({**saved, "checkpoint": "checkpoint_000000"}))
-    import cxrtune.analysis.test_evaluation as test_evaluation
+    import cxrtune.analysis.evaluation as evaluation
 
     evaluated: list[str] = []
-    evaluate = test_evaluation.evaluate_checkpoint
+    evaluate = evaluation.evaluate_checkpoint
 
     def counting_evaluate(checkpoint: Path, *args: Any, **kwargs: Any) -> Any:
         evaluated.append(checkpoint.parent.name)
         return evaluate(checkpoint, *args, **kwargs)
 
-    monkeypatch.setattr(test_evaluation, "evaluate_checkpoint", counting_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", counting_evaluate)
     build_leaderboard(read_experiment(experiment))
     assert evaluated == ["t2_regularized_cnn"]
     assert json.loads(cache.read_text())["checkpoint"] == "checkpoint_000001"

@@ -14,18 +14,17 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from cxrtune.analysis.experiment import Experiment, read_experiment
+from cxrtune.analysis.evaluation import evaluate_in_process
+from cxrtune.analysis.experiment import Evaluations, Experiment, read_experiment
 from cxrtune.analysis.export import export_model
-from cxrtune.analysis.html_report import write_report
 from cxrtune.analysis.leaderboard import (
     TEST_COLUMNS,
-    Evaluations,
     build_leaderboard,
     format_leaderboard,
     resolve_evaluate_top,
 )
+from cxrtune.analysis.report import write_report
 from cxrtune.analysis.terminal import compact_table
-from cxrtune.analysis.test_evaluation import evaluate_in_process
 from cxrtune.search.cli import main
 from tests.analysis.test_leaderboard import make_experiment
 

@@ -20,10 +20,9 @@ from optuna.distributions import (
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from cxrtune.analysis import report
-from cxrtune.analysis.experiment import DatasetInfo, TrialRecord
-from cxrtune.analysis.html_report import write_report
-from cxrtune.analysis.leaderboard import Predictions
+from cxrtune.analysis import report_tables
+from cxrtune.analysis.experiment import DatasetInfo, Predictions, TrialRecord
+from cxrtune.analysis.report import write_report
 from cxrtune.trainables.metrics import classification_metrics
 from tests.analysis.test_leaderboard import make_experiment
 
@@ -158,7 +157,7 @@ def test_intervals_show_beside_their_estimates_and_missing_values_as_a_dash() ->
             "rank": pd.array([1, None], dtype="Int64"),
         }
     )
-    shown = report.display_table(table)
+    shown = report_tables.display_table(table)
     assert list(shown.columns) == ["trial_id", "lr", "test_macro_auc", "rank"]
     assert shown.iloc[0].tolist() == ["a", "5.0e-04", "0.933 [0.880, 0.970]", "1"]
     assert shown.iloc[1].tolist() == ["-", "-", "-", "-"]
@@ -175,16 +174,16 @@ def test_split_counts_have_a_row_per_class_in_dataset_order_and_totals() -> None
         positive_class="COVID",
         split_counts={"train": {"Normal": 10, "COVID": 3}, "test": {"COVID": 1}},
     )
-    counts = report.split_counts(dataset).set_index("class")
+    counts = report_tables.split_counts(dataset).set_index("class")
     assert counts.index.tolist() == ["COVID", "Normal", "total"]
     assert counts.loc["Normal"].tolist() == [10, 0, 10]
     assert counts.loc["total"].tolist() == [13, 1, 14]
 
 
 def test_the_ingest_report_is_read_when_the_sweep_wrote_one(tmp_path: Path) -> None:
-    assert report.read_ingest_report(tmp_path) is None
+    assert report_tables.read_ingest_report(tmp_path) is None
     (tmp_path / "ingest_report.txt").write_text("100 images\n")
-    assert report.read_ingest_report(tmp_path) == "100 images\n"
+    assert report_tables.read_ingest_report(tmp_path) == "100 images\n"
 
 
 def test_the_pareto_optimal_trials_are_those_no_other_trial_dominates() -> None:
@@ -196,7 +195,7 @@ def test_the_pareto_optimal_trials_are_those_no_other_trial_dominates() -> None:
             ("d", "regularized_cnn", "none", 0.4, 0.6, 0.6),
         ]
     )
-    points = report.trial_points(ranked)
+    points = report_tables.trial_points(ranked)
     assert points["pareto_optimal"].tolist() == [True, True, False, False]
     assert points["pareto_front"].tolist() == [1, 1, 2, 3]
     assert points["family"].tolist() == ["baseline_cnn", "vgg16", "vgg16", "regularized_cnn"]
@@ -207,7 +206,7 @@ def test_roc_curves_match_scikit_learn_for_each_class_that_has_test_images() -> 
     probabilities = np.array(
         [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.4, 0.5, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]
     )
-    roc = report.roc_table(
+    roc = report_tables.roc_table(
         Predictions(labels, probabilities), ["COVID", "Normal", "Pneumonia"], positive_index=0
     )
     assert roc["class"].unique().tolist() == ["COVID", "Normal"]  # no Pneumonia in test
@@ -225,7 +224,7 @@ def test_two_classes_have_one_roc_curve_whose_auc_is_the_macro_auc(positive_inde
     covid = np.array([0.9, 0.4, 0.7, 0.5, 0.2, 0.1, 0.6])
     probabilities = np.stack([covid, 1 - covid], axis=1)
     classes = ["COVID", "Normal"]
-    roc = report.roc_table(Predictions(labels, probabilities), classes, positive_index)
+    roc = report_tables.roc_table(Predictions(labels, probabilities), classes, positive_index)
     assert roc["class"].unique().tolist() == [classes[positive_index]]
     expected = classification_metrics(labels, probabilities, classes, positive_index)
     assert roc["auc"].iloc[0] == expected["macro_auc"]
@@ -241,9 +240,9 @@ def test_roc_and_confusion_tables_cover_two_three_and_four_classes(classes: int)
     labels = np.repeat(np.arange(classes), 5)
     probabilities = rng.dirichlet(np.ones(classes), len(labels))
     names = ["COVID", "Normal", "Pneumonia", "Lung Opacity"][:classes]
-    roc = report.roc_table(Predictions(labels, probabilities), names, positive_index=0)
+    roc = report_tables.roc_table(Predictions(labels, probabilities), names, positive_index=0)
     assert roc["class"].unique().tolist() == (["COVID"] if classes == 2 else names)
-    confusion = report.confusion_table(Predictions(labels, probabilities), names)
+    confusion = report_tables.confusion_table(Predictions(labels, probabilities), names)
     assert len(confusion) == classes * classes
     assert confusion["count"].sum() == len(labels)
 
@@ -251,7 +250,9 @@ def test_roc_and_confusion_tables_cover_two_three_and_four_classes(classes: int)
 def test_confusion_rows_are_divided_by_the_images_of_their_true_class() -> None:
     labels = np.array([0, 0, 0, 1])
     probabilities = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.4, 0.6, 0.0]])
-    confusion = report.confusion_table(Predictions(labels, probabilities), ["COVID", "Normal", "X"])
+    confusion = report_tables.confusion_table(
+        Predictions(labels, probabilities), ["COVID", "Normal", "X"]
+    )
     counts = confusion.pivot(index="true_class", columns="predicted_class", values="count")
     assert counts.loc["COVID"].tolist() == [2, 1, 0]
     assert counts.loc["X"].tolist() == [0, 0, 0]
@@ -264,7 +265,7 @@ def test_confusion_rows_are_divided_by_the_images_of_their_true_class() -> None:
 
 def test_learning_curves_mark_the_chosen_epoch_and_the_last_epoch_of_an_asha_stop() -> None:
     trial = record("t", "vgg16", 2, train_loss=[1.0, 0.8], val_covid_recall=[0.2, 0.4])
-    curves = report.learning_curves(trial, {"max_epochs": 5}, best_epoch=1)
+    curves = report_tables.learning_curves(trial, {"max_epochs": 5}, best_epoch=1)
     assert curves["epoch"].tolist() == [1, 2]
     assert curves["train_loss"].tolist() == [1.0, 0.8]
     assert curves["val_loss"].isna().all()  # never reported
@@ -274,8 +275,10 @@ def test_learning_curves_mark_the_chosen_epoch_and_the_last_epoch_of_an_asha_sto
 
 
 def test_a_trial_that_ran_every_epoch_or_errored_is_not_marked_as_stopped_by_asha() -> None:
-    finished = report.learning_curves(record("t", "vgg16", 4), {"max_epochs": 4})
-    errored = report.learning_curves(record("t", "vgg16", 2, error="boom"), {"max_epochs": 4})
+    finished = report_tables.learning_curves(record("t", "vgg16", 4), {"max_epochs": 4})
+    errored = report_tables.learning_curves(
+        record("t", "vgg16", 2, error="boom"), {"max_epochs": 4}
+    )
     assert not finished["stopped_early"].any()
     assert not errored["stopped_early"].any()
 
@@ -297,7 +300,7 @@ def test_family_summary_counts_trials_and_charges_hours_at_each_family_s_resourc
         "families": ["baseline_cnn", "regularized_cnn", "vgg16"],
         "resources": {"baseline_cnn": {"cpus": 2, "gpus": 0}, "vgg16": {"cpus": 4, "gpus": 0.5}},
     }
-    summary = report.family_summary(trials, ranked, sweep).set_index("family")
+    summary = report_tables.family_summary(trials, ranked, sweep).set_index("family")
     assert summary.index.tolist() == ["baseline_cnn", "regularized_cnn", "vgg16"]
     baseline = summary.loc["baseline_cnn"]
     assert (baseline["trials"], baseline["failed"], baseline["stopped_early"]) == (2, 0, 1)
@@ -321,7 +324,7 @@ def test_the_family_comparison_sets_each_family_s_best_ranked_trial_side_by_side
             ("b1", "baseline_cnn", "none", 0.5, 0.95, 0.9),
         ]
     )
-    comparison = report.family_comparison(ranked).set_index("family")
+    comparison = report_tables.family_comparison(ranked).set_index("family")
     assert comparison.index.tolist() == ["baseline_cnn", "regularized_cnn", "vgg16"]
     assert comparison["trial_id"].tolist()[:2] == ["b2", "r1"]
     assert comparison.loc["baseline_cnn", "test_macro_auc_high"] == pytest.approx(0.65)
@@ -336,7 +339,9 @@ def test_the_external_test_gap_is_test_minus_val_per_family_with_the_test_interv
             ("r1", "regularized_cnn", "none", 0.8, 0.8, 0.78),
         ]
     )
-    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    gap = report_tables.external_test_gap(report_tables.family_comparison(ranked)).set_index(
+        "family"
+    )
     assert gap.loc["baseline_cnn", "macro_auc_gap"] == pytest.approx(-0.2)
     assert gap.loc["baseline_cnn", "covid_recall_gap"] == pytest.approx(-0.1)
     assert gap.loc["baseline_cnn", "test_macro_auc_low"] == pytest.approx(0.65)
@@ -350,7 +355,9 @@ def test_the_external_test_gap_is_test_minus_val_per_family_with_the_test_interv
         0.7,
         0.85,
     )
-    gap = report.external_test_gap(report.family_comparison(ranked)).set_index("family")
+    gap = report_tables.external_test_gap(report_tables.family_comparison(ranked)).set_index(
+        "family"
+    )
     assert gap.loc["regularized_cnn", "val_inside_test_interval"] == "yes"
 
 
@@ -363,7 +370,7 @@ def test_imbalance_strategies_show_the_best_and_median_of_their_trials() -> None
             ("o3", "regularized_cnn", "oversample", 0.4, 0.6, 0.6),
         ]
     )
-    strategies = report.imbalance_comparison(ranked).set_index("imbalance")
+    strategies = report_tables.imbalance_comparison(ranked).set_index("imbalance")
     assert strategies.index.tolist() == ["none", "oversample", "class_weight"]
     oversample = strategies.loc["oversample"]
     assert (oversample["trials"], oversample["best_trial"]) == (3, "o1")
@@ -382,7 +389,7 @@ def in_memory_study(trials: list[optuna.trial.FrozenTrial]) -> optuna.Study:
 
 
 def test_importance_puts_first_the_parameter_that_decides_an_objective() -> None:
-    importance = report.parameter_importance(in_memory_study(search_trials()))
+    importance = report_tables.parameter_importance(in_memory_study(search_trials()))
     recall = importance[
         (importance["scope"] == "all families")
         & (importance["objective"] == "val_covid_recall_at_spec")
@@ -401,13 +408,13 @@ def test_importance_leaves_out_an_objective_that_took_a_single_value() -> None:
         search_trial("baseline_cnn", "none", 1e-4, (0.5, 0.6)),
         search_trial("baseline_cnn", "oversample", 1e-3, (0.5, 0.8)),
     ]
-    importance = report.parameter_importance(in_memory_study(trials))
+    importance = report_tables.parameter_importance(in_memory_study(trials))
     assert set(importance["objective"]) == {"val_macro_auc"}
     assert set(importance["scope"]) == {"all families"}  # one family: no scope of its own
 
 
 def test_slices_list_each_parameter_a_trial_sampled_with_its_objective_values() -> None:
-    slices = report.parameter_slices(in_memory_study(search_trials()[4:]))
+    slices = report_tables.parameter_slices(in_memory_study(search_trials()[4:]))
     first = slices[slices["trial_number"] == 0].set_index("parameter")
     assert first.index.tolist() == ["lr", "batch_size", "imbalance", "finetune_blocks"]
     assert first.loc["imbalance", "value"] == "oversample"
@@ -419,16 +426,16 @@ def test_slices_list_each_parameter_a_trial_sampled_with_its_objective_values() 
 def test_the_study_is_read_from_the_experiment_journal_without_creating_one(
     tmp_path: Path,
 ) -> None:
-    study, reason = report.read_search_study(tmp_path)
+    study, reason = report_tables.read_search_study(tmp_path)
     assert study is None and "optuna_study.journal" in reason
     assert not (tmp_path / "optuna_study.journal").exists()
     write_search_study(tmp_path / "optuna_study.journal", search_trials()[:1])
-    study, reason = report.read_search_study(tmp_path)
+    study, reason = report_tables.read_search_study(tmp_path)
     assert study is None and "1 complete trial" in reason
     other = tmp_path / "other"
     other.mkdir()
     write_search_study(other / "optuna_study.journal", search_trials())
-    study, reason = report.read_search_study(other)
+    study, reason = report_tables.read_search_study(other)
     assert study is not None and reason == ""
     assert len(study.trials) == len(SEARCH_TRIALS)
 
@@ -557,7 +564,7 @@ def test_a_shortcut_warning_of_the_ingest_report_opens_the_data_section(tmp_path
     text = write_report(experiment, top=1).read_text()
     section = text[text.index('<section id="data">') :]
     assert section.index("SHORTCUT RISK: the source (site A, site B)") < section.index("<table")
-    assert report.read_shortcut_warning(tmp_path) == ""  # no ingest report there
+    assert report_tables.read_shortcut_warning(tmp_path) == ""  # no ingest report there
 
 
 def test_a_top_below_one_is_an_error(tmp_path: Path) -> None:
@@ -581,7 +588,7 @@ def test_the_ensemble_row_is_the_average_of_the_top_trials_probabilities(tmp_pat
 
     experiment = read_experiment(make_report_experiment(tmp_path))
     leaderboard = build_leaderboard(experiment)
-    table = report.ensemble_comparison(experiment, leaderboard, 2)
+    table = report_tables.ensemble_comparison(experiment, leaderboard, 2)
     top = list(leaderboard.ranked["trial_id"][:2])
     assert table["model"].tolist() == [f"rank 1 ({top[0]})", "top-2 ensemble"]
     averaged = np.mean([leaderboard.predictions[t]["test"].probabilities for t in top], axis=0)
@@ -591,7 +598,7 @@ def test_the_ensemble_row_is_the_average_of_the_top_trials_probabilities(tmp_pat
     )
     assert table.loc[1, "test_macro_auc"] == pytest.approx(expected["macro_auc"])
     assert table.loc[0, "test_macro_auc"] == leaderboard.ranked.loc[0, "test_macro_auc"]
-    assert report.ensemble_comparison(experiment, leaderboard, 1).empty
+    assert report_tables.ensemble_comparison(experiment, leaderboard, 1).empty
 
 
 def test_the_decision_summary_leads_with_rank_1_then_the_best_of_each_family() -> None:
@@ -609,7 +616,7 @@ def test_the_decision_summary_leads_with_rank_1_then_the_best_of_each_family() -
             "test_macro_auc_high": [0.97, 0.92, 0.9],
         }
     )
-    summary = report.decision_summary(ranked)
+    summary = report_tables.decision_summary(ranked)
     assert summary[""].tolist() == ["recommended", "best vgg16", "best baseline_cnn"]
     assert summary["trial"].tolist() == ["a", "a", "c"]
     assert summary["test AUC (95% CI)"].iloc[0] == "0.95 (0.93\N{EN DASH}0.97)"
@@ -620,7 +627,7 @@ def test_importance_of_a_large_study_is_read_from_a_seeded_sample(
 ) -> None:
     from optuna.importance import FanovaImportanceEvaluator
 
-    monkeypatch.setattr(report, "IMPORTANCE_TRIALS", 5)
+    monkeypatch.setattr(report_tables, "IMPORTANCE_TRIALS", 5)
     seen: list[list[int]] = []
     evaluate = FanovaImportanceEvaluator.evaluate
 
@@ -639,6 +646,6 @@ def test_importance_of_a_large_study_is_read_from_a_seeded_sample(
             ]
         )
     ]
-    first = report.parameter_importance(in_memory_study(trials))
+    first = report_tables.parameter_importance(in_memory_study(trials))
     assert seen and all(len(numbers) == 5 for numbers in seen)
-    assert first.equals(report.parameter_importance(in_memory_study(trials)))
+    assert first.equals(report_tables.parameter_importance(in_memory_study(trials)))

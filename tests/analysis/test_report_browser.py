@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cxrtune.analysis.html_report import write_report
+from cxrtune.analysis.report import write_report
 from tests.analysis.test_report import make_report_experiment
 
 CHROMIUM = Path("/usr/bin/chromium")

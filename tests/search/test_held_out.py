@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxrtune.analysis.evaluation import evaluate_in_process
 from cxrtune.analysis.experiment import read_experiment
 from cxrtune.analysis.leaderboard import build_leaderboard
-from cxrtune.analysis.test_evaluation import evaluate_in_process
 from cxrtune.search.held_out import EVALUATION_GPUS, ray_evaluator, task_resources
 from tests.analysis.test_leaderboard import make_experiment
 

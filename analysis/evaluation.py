@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrtune.analysis.experiment import SPLITS_FILE, DatasetInfo, Experiment
-from cxrtune.analysis.leaderboard import Evaluations, Predictions
+from cxrtune.analysis.experiment import (
+    SPLITS_FILE,
+    DatasetInfo,
+    Evaluations,
+    Experiment,
+    Predictions,
+)
 from cxrtune.trainables.checkpoints import CheckpointCorruptError, model_from_checkpoint
 from cxrtune.trainables.data import DataError, ingest, read_cache
 from cxrtune.trainables.engine import evaluate

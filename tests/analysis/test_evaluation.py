@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cxrtune.analysis.evaluation import EvaluationSet
 from cxrtune.analysis.experiment import DatasetInfo, read_experiment
 from cxrtune.analysis.leaderboard import TEST_COLUMNS, build_leaderboard
-from cxrtune.analysis.test_evaluation import EvaluationSet
 from cxrtune.search.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from cxrtune.search.config import load_sweep_config
 from cxrtune.search.sweep import prepare_data, write_experiment_files

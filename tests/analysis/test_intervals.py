@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from cxrtune.analysis.statistics import (
+from cxrtune.analysis.intervals import (
     bootstrap_distribution,
     metric_intervals,
     percentile_interval,
