@@ -174,11 +174,13 @@ def load_vgg16_features(pretrained: StateDict | None = None) -> nn.Sequential:
     gave to the same gray image.
     """
     # Imported here: a small-CNN trial starts almost a second sooner without torchvision.
-    from torchvision.models.vgg import cfgs as vgg_configs
-    from torchvision.models.vgg import make_layers as make_vgg_layers
+    from torchvision.models import vgg16 as torchvision_vgg16
 
-    # Only the conv trunk is built: the 120M-parameter classifier would be thrown away.
-    features = make_vgg_layers(vgg_configs["D"], batch_norm=False)
+    # Built on the meta device, which holds no memory and runs no initialisation: only
+    # the conv trunk gets real tensors, the 120M-parameter classifier is thrown away.
+    with torch.device("meta"):
+        trunk = torchvision_vgg16(weights=None).features
+    features = trunk.to_empty(device="cpu")
     if pretrained is not None:
         features.load_state_dict(pretrained)
     else:
