@@ -44,8 +44,13 @@ from cxrtune.analysis.storage import (
     redacted,
 )
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY, metric_mode
 
 SWEEP_FILE = "sweep.yaml"
+# Defaults of the sweep-file keys the analysis reads, for a sweep.yaml written before the
+# key existed; the sweep file (``cxrtune.search.config``) takes its defaults from here.
+DEFAULT_SCHEDULER_METRIC = "val_macro_auc"
+DEFAULT_BOOTSTRAP_RESAMPLES = 1000
 DATASET_FILE = "dataset.json"
 SPLITS_FILE = "splits.csv"
 INGEST_REPORT_JSON = "ingest_report.json"
@@ -145,6 +150,21 @@ class Experiment:
     sweep: dict[str, Any]
     dataset: DatasetInfo
     trials: list[TrialRecord]
+
+    @property
+    def scheduler_metric(self) -> str:
+        """The metric each trial's checkpoint is chosen by (its best epoch)."""
+        return str(self.sweep.get("scheduler_metric", DEFAULT_SCHEDULER_METRIC))
+
+    @property
+    def target_specificity(self) -> float:
+        """The specificity the operating threshold is chosen on val to reach."""
+        return float(self.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY))
+
+    @property
+    def bootstrap_resamples(self) -> int:
+        """Resamples of the test metrics' confidence intervals."""
+        return int(self.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES))
 
 
 def read_experiment(directory: str | Path) -> Experiment:
@@ -266,8 +286,8 @@ def fetch_experiment(experiment: RemoteDir, mirror: Path) -> None:
     optuna_journal(experiment).fetch(remote_files.values(), mirror)
 
     read = read_experiment(mirror)
-    metric = str(read.sweep.get("scheduler_metric", "val_macro_auc"))
-    mode = "min" if metric.endswith("loss") else "max"
+    metric = read.scheduler_metric
+    mode = metric_mode(metric)
     checkpoint_files = []
     for record in read.trials:
         if record.error is not None:

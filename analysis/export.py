@@ -41,7 +41,6 @@ from torch import nn
 
 from cxrtune.analysis.experiment import RESULTS_FILE, Experiment, read_experiment
 from cxrtune.analysis.leaderboard import (
-    DEFAULT_TARGET_SPECIFICITY,
     TEST_COLUMNS,
     Leaderboard,
     build_leaderboard,
@@ -198,9 +197,7 @@ def _describe(
     """``model.json`` (without the selection) and the state dict of each member by file name."""
     info = experiment.dataset
     rows = leaderboard.ranked.set_index("trial_id")
-    target_specificity = float(
-        experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-    )
+    target_specificity = experiment.target_specificity
     members, weights = [], {}
     image_sizes = set()
     for trial_id in trial_ids:

@@ -61,6 +61,7 @@ import pandas as pd
 
 from cxrtune.analysis.experiment import (
     CHECKPOINT_COLUMN,
+    DEFAULT_BOOTSTRAP_RESAMPLES,
     EVALUATION_FILE,
     LEADERBOARD_CSV,
     LEADERBOARD_MD,
@@ -77,10 +78,13 @@ from cxrtune.analysis.intervals import (
     threshold_for_specificity,
 )
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, rank_trials
-from cxrtune.trainables.metrics import classification_metrics, recall_at_specificity
+from cxrtune.trainables.metrics import (
+    DEFAULT_TARGET_SPECIFICITY,
+    classification_metrics,
+    metric_mode,
+    recall_at_specificity,
+)
 
-DEFAULT_TARGET_SPECIFICITY = 0.95  # sweep files older than the key lack it
-DEFAULT_BOOTSTRAP_RESAMPLES = 1000
 # Without an evaluate_top setting, a sweep of at most this many ranked trials has every
 # trial evaluated on test, a larger one its top this many.
 DEFAULT_EVALUATE_TOP = 100
@@ -200,8 +204,8 @@ def build_leaderboard(
     ``device``. ``evaluate_trials`` are evaluated too, wherever they rank (``export`` of
     a trial below the top). A bad ``evaluate_top`` is a ``ValueError`` naming it.
     """
-    metric = str(experiment.sweep.get("scheduler_metric", "val_macro_auc"))
-    mode = "min" if metric.endswith("loss") else "max"
+    metric = experiment.scheduler_metric
+    mode = metric_mode(metric)
     records = {record.trial_id: record for record in experiment.trials}
     objectives = list(experiment.sweep.get("objectives") or DEFAULT_OBJECTIVES)
     # An objective the default columns lack (val_accuracy, say) is shown too.
@@ -310,8 +314,8 @@ def leaderboard_header(experiment: Experiment) -> str:
     if info.test_source:
         test_images = sum(info.split_counts.get("test", {}).values())
         grouping += f"; test = external source {info.test_source} ({test_images} images)"
-    target = experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-    resamples = experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)
+    target = experiment.target_specificity
+    resamples = experiment.bootstrap_resamples
     return (
         f"Experiment: {experiment.directory}\n"
         f"Data: {source}; layout {info.layout}; {info.image_size}px; "
@@ -392,15 +396,13 @@ def ensemble_metrics(
         for split in ("val", "test")
     }
     info = experiment.dataset
-    target_specificity = float(
-        experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-    )
+    target_specificity = experiment.target_specificity
     columns = held_out_metrics(
         averaged,
         info.class_names,
         info.positive_index,
         target_specificity=target_specificity,
-        resamples=int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES)),
+        resamples=experiment.bootstrap_resamples,
     )
     val = classification_metrics(
         averaged["val"].labels, averaged["val"].probabilities, info.class_names, info.positive_index
@@ -429,10 +431,8 @@ def _evaluate_chosen_checkpoints(
     in parallel.
     """
     info = experiment.dataset
-    target_specificity = float(
-        experiment.sweep.get("target_specificity", DEFAULT_TARGET_SPECIFICITY)
-    )
-    resamples = int(experiment.sweep.get("bootstrap_resamples", DEFAULT_BOOTSTRAP_RESAMPLES))
+    target_specificity = experiment.target_specificity
+    resamples = experiment.bootstrap_resamples
     by_id = {record.trial_id: record for record in experiment.trials}
     all_predictions: dict[str, dict[str, Predictions]] = {}
     missing: dict[str, Path] = {}

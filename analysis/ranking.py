@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from cxrtune.trainables.metrics import metric_mode
+
 # The default order: Pareto front over (val COVID recall at the target specificity,
 # val macro AUC), then each of them in turn. Argmax COVID recall is no objective:
 # a model that calls everything COVID would win it.
@@ -94,7 +96,7 @@ def rank_trials(
     """
     if table.empty:
         return table.assign(pareto_front=pd.Series(dtype=int), rank=pd.Series(dtype=int))
-    signs = np.array([-1.0 if name.endswith("loss") else 1.0 for name in objectives])
+    signs = np.array([-1.0 if metric_mode(name) == "min" else 1.0 for name in objectives])
     values = table[list(objectives)].to_numpy(dtype=float) * signs
     ranked = table.assign(pareto_front=pareto_front_rank(values))
     sort_keys = ["pareto_front", *objectives, "trial_id"]

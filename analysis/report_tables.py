@@ -40,6 +40,7 @@ from cxrtune.analysis.leaderboard import (
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, pareto_front_rank
 from cxrtune.analysis.terminal import compact_table
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
+from cxrtune.trainables.config import DEFAULT_MAX_EPOCHS
 
 if TYPE_CHECKING:
     import optuna
@@ -68,7 +69,6 @@ __all__ = [
 LEARNING_CURVE_METRICS = ("train_loss", "val_loss", "val_covid_recall", "val_macro_auc")
 # What a trial reserves when the sweep file names no resources (the sweep file's own default).
 DEFAULT_CPUS, DEFAULT_GPUS = 1.0, 0.0
-DEFAULT_MAX_EPOCHS = 10  # the sweep file's default, for experiments whose configs lack the key
 # The test metrics that carry a 95% bootstrap interval (``<name>_low``, ``<name>_high``).
 INTERVAL_COLUMNS = tuple(f"test_{name}" for name in INTERVAL_METRICS)
 ALL_FAMILIES = "all families"

@@ -77,10 +77,10 @@ def run_search(
         FamilyResourcesFn,
         build_scheduler,
         build_searcher,
-        metric_mode,
         trial_dirname,
         trial_space,
     )
+    from cxrtune.trainables.metrics import metric_mode
     from cxrtune.trainables.trainable import train_trial
 
     class EpochBudget(tune.Stopper):

@@ -16,10 +16,12 @@ from typing import Any, Union
 
 import yaml
 
+from cxrtune.analysis.experiment import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_SCHEDULER_METRIC
 from cxrtune.analysis.storage import has_credentials, is_remote, redacted
 from cxrtune.spaces import FAMILIES, get_space
-from cxrtune.trainables.config import OPTIMIZERS, FamilyResources
+from cxrtune.trainables.config import DEFAULT_MAX_EPOCHS, OPTIMIZERS, FamilyResources
 from cxrtune.trainables.layouts import LAYOUTS
+from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY
 
 SAMPLERS = ("tpe", "nsga2")
 # How a trial ASHA stopped early is told to Optuna (cxrtune.search.searcher).
@@ -80,18 +82,19 @@ class SweepConfig:
     positive_class: str = "COVID"  # the class whose recall is ranked
     splits: SplitFractions = field(default_factory=SplitFractions)
     test_source: str | None = None  # hold out this source as the test split (external site)
-    target_specificity: float = 0.95  # the operating point: threshold chosen on val for this
-    bootstrap_resamples: int = 1000  # for the 95% confidence intervals of test metrics
+    # the operating point: threshold chosen on val for this
+    target_specificity: float = DEFAULT_TARGET_SPECIFICITY
+    bootstrap_resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES  # for the 95% intervals of test metrics
     # trials evaluated on test, best val rank first; None = all up to 100, else the top 100
     evaluate_top: int | None = None
     seed: int = 0  # splits, sampler and model initialisation
     space: str = "default"  # a registered search space
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     num_samples: int = 24  # trials
-    max_epochs: int = 10
+    max_epochs: int = DEFAULT_MAX_EPOCHS
     grace_period: int = 2  # epochs every trial gets before ASHA may stop it
     reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    scheduler_metric: str = "val_macro_auc"
+    scheduler_metric: str = DEFAULT_SCHEDULER_METRIC
     objectives: list[str] = field(
         default_factory=lambda: ["val_covid_recall_at_spec", "val_macro_auc"]
     )

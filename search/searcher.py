@@ -33,11 +33,12 @@ from ray.tune.search import Searcher
 
 from cxrtune.search.config import STOPPED_TRIAL_POLICIES
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
+from cxrtune.trainables.metrics import metric_mode
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["RAY_TRIAL_ID_ATTR", "StudySearcher", "best_epoch", "metric_mode"]
+__all__ = ["RAY_TRIAL_ID_ATTR", "StudySearcher", "best_epoch"]
 
 # The Optuna user attribute holding the Ray trial id, the name the trial folders,
 # the leaderboard and MLflow use.
@@ -46,11 +47,6 @@ RAY_TRIAL_ID_ATTR = "ray_trial_id"
 # ASHA stopped it before max_epochs.
 BEST_EPOCH_ATTR = "best_epoch"
 STOPPED_EARLY_ATTR = "stopped_early"
-
-
-def metric_mode(metric: str) -> str:
-    """``"min"`` for losses, ``"max"`` for everything else a trial reports."""
-    return "min" if metric.endswith("loss") else "max"
 
 
 def best_epoch(results: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:

@@ -35,10 +35,11 @@ from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
 from cxrtune.search.retention import CheckpointRetention
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
-from cxrtune.search.searcher import StudySearcher, metric_mode
+from cxrtune.search.searcher import StudySearcher
 from cxrtune.spaces import get_space
 from cxrtune.trainables.config import FamilyResources
 from cxrtune.trainables.fit import TrialData
+from cxrtune.trainables.metrics import metric_mode
 from cxrtune.trainables.models import StateDict
 from cxrtune.trainables.trainable import train_trial
 

@@ -16,6 +16,7 @@ from typing import Any
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 OPTIMIZERS = ("adam", "adamw")
+DEFAULT_MAX_EPOCHS = 10
 VGG16_BLOCKS = 5
 
 
@@ -63,7 +64,7 @@ class TrialConfig:
     finetune_blocks: int = 0  # vgg16: how many of the last conv blocks train (0 = head only)
     weights: str = "none"  # vgg16: "none" or where the driver read the pretrained state dict
     optimizer: str = "adam"
-    max_epochs: int = 10
+    max_epochs: int = DEFAULT_MAX_EPOCHS
     seed: int = 0
 
     def __post_init__(self) -> None:

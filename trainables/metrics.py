@@ -28,6 +28,11 @@ from sklearn.metrics import (
 DEFAULT_TARGET_SPECIFICITY = 0.95
 
 
+def metric_mode(metric: str) -> str:
+    """``"min"`` for losses, ``"max"`` for everything else a trial reports."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def metric_safe_name(class_name: str) -> str:
     """``"Viral Pneumonia"`` -> ``"viral_pneumonia"``: a class name usable in a metric key."""
     return re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
