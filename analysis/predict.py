@@ -18,7 +18,7 @@ import pandas as pd
 from cxrtune.analysis.export import ExportedModel
 from cxrtune.trainables.data import DECODE_ERRORS, DataError, decode_image, read_error_reason
 from cxrtune.trainables.dicom import DicomError
-from cxrtune.trainables.layouts import IMAGE_SUFFIXES
+from cxrtune.trainables.layouts import images_under
 
 __all__ = ["find_images", "predict_paths", "prediction_table"]
 
@@ -36,13 +36,7 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[BadFile]
     bad: list[BadFile] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found += sorted(
-                path
-                for path in entry.rglob("*")
-                if path.suffix.lower() in IMAGE_SUFFIXES
-                and path.is_file()
-                and not any(part.startswith(".") for part in path.relative_to(entry).parts)
-            )
+            found += images_under(entry)
         elif entry.is_file():
             found.append(entry)
         else:

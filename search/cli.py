@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxrtune.trainables.config import GROUPINGS
+
 if TYPE_CHECKING:
     from cxrtune.analysis.leaderboard import Leaderboard
 
@@ -228,7 +230,7 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--group-by",
-        choices=("patient", "source", "none"),
+        choices=GROUPINGS,
         help="keep each patient (default) or source in one split",
     )
     parser.add_argument(

@@ -19,14 +19,18 @@ import yaml
 from cxrtune.analysis.experiment import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_SCHEDULER_METRIC
 from cxrtune.analysis.storage import has_credentials, is_remote, redacted
 from cxrtune.spaces import FAMILIES, get_space
-from cxrtune.trainables.config import DEFAULT_MAX_EPOCHS, OPTIMIZERS, FamilyResources
+from cxrtune.trainables.config import (
+    DEFAULT_MAX_EPOCHS,
+    GROUPINGS,
+    OPTIMIZERS,
+    FamilyResources,
+)
 from cxrtune.trainables.layouts import LAYOUTS
 from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY
 
 SAMPLERS = ("tpe", "nsga2")
 # How a trial ASHA stopped early is told to Optuna (cxrtune.search.searcher).
 STOPPED_TRIAL_POLICIES = ("complete", "pruned", "omit")
-GROUPINGS = ("patient", "source", "none")
 # Metrics a sweep may optimise or schedule on; they are what every trial reports.
 SEARCHABLE_METRICS = (
     "val_covid_recall_at_spec",

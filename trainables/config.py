@@ -16,6 +16,8 @@ from typing import Any
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
 OPTIMIZERS = ("adam", "adamw")
+# What the splits keep together: each patient, each source, or nothing (images alone).
+GROUPINGS = ("patient", "source", "none")
 DEFAULT_MAX_EPOCHS = 10
 VGG16_BLOCKS = 5
 

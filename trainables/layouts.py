@@ -104,11 +104,18 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(entry for entry in root.iterdir() if entry.is_dir() and _visible(entry, root))
 
 
-def _images_under(folder: Path, root: Path) -> list[Path]:
+def images_under(folder: Path, root: Path | None = None) -> list[Path]:
+    """The PNG, JPEG and DICOM files below ``folder``, sorted; hidden ones skipped.
+
+    A file or folder whose name starts with a dot, below ``root`` (``folder`` itself by
+    default), is hidden.
+    """
     return sorted(
         path
         for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and _visible(path, root)
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and _visible(path, root if root is not None else folder)
     )
 
 
@@ -256,7 +263,7 @@ def list_radiography_database(root: Path) -> Listing:
         sources = _read_radiography_sources(root, folder.name, listing.notes)
         listing.samples.extend(
             Sample(path=path, label=folder.name, source=sources.get(path.stem.lower(), ""))
-            for path in _images_under(folder / "images", root)
+            for path in images_under(folder / "images", root)
         )
     return listing
 
@@ -304,7 +311,7 @@ def list_image_folder(root: Path) -> Listing:
         samples=[
             Sample(path=path, label=folder.name, source=_subfolder_of(path, folder))
             for folder in folders
-            for path in _images_under(folder, root)
+            for path in images_under(folder, root)
         ],
         classes=[folder.name for folder in folders],
     )

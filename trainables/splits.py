@@ -18,10 +18,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from cxrtune.trainables.config import GROUPINGS
 from cxrtune.trainables.data import DataError, Dataset, contents_in_two_splits
 
 SPLITS = ("train", "val", "test")
-GROUPINGS = ("patient", "source", "none")
 # Fewer images of a class than this in a split make its recall and AUC noise.
 MIN_IMAGES_PER_SPLIT = 3
 
