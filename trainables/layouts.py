@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxrtune.spaces import Registry
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm"})
 MANIFEST_COLUMNS = ("path", "label")
 MANIFEST_OPTIONAL_COLUMNS = ("patient_id", "source", "split")
@@ -57,7 +59,7 @@ class Layout:
     list_samples: Callable[[Path], Listing]
 
 
-LAYOUTS: dict[str, Layout] = {}
+LAYOUTS: Registry[Layout] = Registry("dataset layout")
 
 
 def register_layout(
@@ -66,9 +68,7 @@ def register_layout(
     """Register a lister under ``name``; layouts are tried for detection in registration order."""
 
     def decorate(lister: Callable[[Path], Listing]) -> Callable[[Path], Listing]:
-        if name in LAYOUTS:
-            raise ValueError(f"dataset layout {name!r} is already registered")
-        LAYOUTS[name] = Layout(name=name, detect=detect, list_samples=lister)
+        LAYOUTS.add(name, Layout(name=name, detect=detect, list_samples=lister))
         return lister
 
     return decorate
@@ -76,11 +76,7 @@ def register_layout(
 
 def get_layout(name: str) -> Layout:
     """The layout registered as ``name``; unknown names raise listing the known ones."""
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        known = ", ".join(LAYOUTS)
-        raise ValueError(f"unknown dataset layout {name!r}; known layouts: {known}") from None
+    return LAYOUTS.lookup(name)
 
 
 def detect_layout(data: Path) -> Layout:

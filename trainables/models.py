@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxrtune.spaces import Registry
 from cxrtune.trainables.config import VGG16_BLOCKS, TrialConfig
 
 # A state dict: parameter name -> tensor.
@@ -20,7 +21,7 @@ StateDict = dict[str, torch.Tensor]
 # (config, number of classes, image size, pretrained state dict or None) -> model
 ModelBuilder = Callable[[TrialConfig, int, int, StateDict | None], nn.Module]
 
-MODELS: dict[str, ModelBuilder] = {}
+MODELS: Registry[ModelBuilder] = Registry("model family")
 
 # ImageNet statistics of the luminance channel; pretrained VGG16 expects inputs
 # normalised this way, and the small CNNs train just as well with them.
@@ -34,14 +35,7 @@ class WeightsUnavailableError(RuntimeError):
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register a family's builder under ``name``; a second use of a name is an error."""
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in MODELS:
-            raise ValueError(f"model family {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
-
-    return decorate
+    return MODELS.register(name)
 
 
 def create_model(
@@ -55,12 +49,7 @@ def create_model(
     The model comes in channels-last memory format, which makes its convolutions
     about 1.3x faster on CPU and lets GPUs use their tensor-core kernels.
     """
-    try:
-        builder = MODELS[config.family]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown model family {config.family!r}; known: {known}") from None
-    model = builder(config, num_classes, image_size, pretrained)
+    model = MODELS.lookup(config.family)(config, num_classes, image_size, pretrained)
     return model.to(memory_format=torch.channels_last)
 
 
