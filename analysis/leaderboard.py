@@ -78,6 +78,7 @@ from cxrtune.analysis.intervals import (
     threshold_for_specificity,
 )
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES, rank_trials
+from cxrtune.trainables.atomic import write_atomically
 from cxrtune.trainables.metrics import (
     DEFAULT_TARGET_SPECIFICITY,
     classification_metrics,
@@ -501,9 +502,7 @@ def _write_evaluation(
             "labels": split_predictions.labels.tolist(),
             "probabilities": split_predictions.probabilities.tolist(),
         }
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document))
-    partial.replace(path)
+    write_atomically(path, json.dumps(document))
 
 
 def format_leaderboard(

@@ -28,6 +28,7 @@ from cxrtune.analysis.experiment import (
 from cxrtune.analysis.leaderboard import Leaderboard, build_leaderboard, first_line
 from cxrtune.analysis.ranking import DEFAULT_OBJECTIVES
 from cxrtune.analysis.terminal import next_commands
+from cxrtune.trainables.atomic import write_atomically
 
 __all__ = ["REPORT_DIR", "REPORT_FILE", "write_report"]
 
@@ -447,7 +448,5 @@ def write_report(
     ]
     page = _page(f"cxrtune report: {experiment.directory.name}", sections)
     path = directory / REPORT_FILE
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(path)
+    write_atomically(path, page)
     return path

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow
 import pyarrow.fs
 
+from cxrtune.trainables.atomic import atomic_path
+
 __all__ = [
     "REDACTED_KEYS",
     "AppendUpload",
@@ -309,16 +311,15 @@ class RemoteDir:
         """
         target = local_dir / remote.relative_path
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        with self._reporting(f"download {remote.relative_path} from"):
-            pyarrow.fs.copy_files(
-                f"{self.path}/{remote.relative_path}",
-                str(partial),
-                source_filesystem=self.filesystem,
-            )
-        if remote.mtime_ns is not None:
-            os.utime(partial, ns=(remote.mtime_ns, remote.mtime_ns))
-        partial.replace(target)
+        with atomic_path(target) as partial:
+            with self._reporting(f"download {remote.relative_path} from"):
+                pyarrow.fs.copy_files(
+                    f"{self.path}/{remote.relative_path}",
+                    str(partial),
+                    source_filesystem=self.filesystem,
+                )
+            if remote.mtime_ns is not None:
+                os.utime(partial, ns=(remote.mtime_ns, remote.mtime_ns))
 
     @staticmethod
     def is_current(remote: RemoteFile, local_dir: Path) -> bool:
@@ -400,9 +401,8 @@ class AppendedFile:
             return True
         target = local_dir / self.whole
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
         length = 0
-        with partial.open("wb") as joined_file:
+        with atomic_path(target) as partial, partial.open("wb") as joined_file:
             for offset, remote in parts:
                 self._check_joins(offset, length)
                 if offset + remote.size <= length:
@@ -410,7 +410,6 @@ class AppendedFile:
                 data = self.folder.read_bytes(remote.relative_path)
                 joined_file.write(data[length - offset :])
                 length = offset + len(data)
-        partial.replace(target)
         return True
 
     def _check_joins(self, offset: int, length: int) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import pickle
 import posixpath
 import re
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cxrtune.trainables.atomic import write_atomically
 from cxrtune.trainables.config import TrialConfig
 from cxrtune.trainables.models import create_model
 
@@ -100,23 +100,10 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(state, buffer)
     content = buffer.getvalue()
-    _write_atomically(path, content)
+    write_atomically(path, content, durable=True)
     digest = hashlib.sha256(content).hexdigest()
-    _write_atomically(directory / CHECKSUM_FILE, f"{digest}  {CHECKPOINT_FILE}\n".encode())
+    write_atomically(directory / CHECKSUM_FILE, f"{digest}  {CHECKPOINT_FILE}\n", durable=True)
     return path
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to a temporary file beside ``path``, flush it, rename it."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with open(partial, "wb") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cxrtune.trainables.atomic import atomic_path
 from cxrtune.trainables.dicom import DicomError, read_dicom
 from cxrtune.trainables.layouts import (
     Layout,
@@ -576,28 +576,22 @@ def write_cache(dataset: Dataset, cache_path: Path, extras: CacheExtras | None =
     """Write ``dataset`` to ``cache_path`` atomically: readers see no file or the whole file."""
     extras = extras or CacheExtras()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(
-                stream,
-                images=dataset.images,
-                labels=dataset.labels,
-                class_names=np.array(dataset.class_names),
-                paths=np.array(dataset.paths, dtype=str),
-                hashes=np.array(dataset.hashes, dtype=str),
-                patients=np.array(dataset.patients, dtype=str),
-                sources=np.array(dataset.sources, dtype=str),
-                fixed_splits=np.array(dataset.fixed_splits, dtype=str),
-                sizes=np.array(extras.sizes, dtype=str),
-                modes=np.array(extras.modes, dtype=str),
-                failures=np.array(json.dumps(extras.failures)),
-                notes=np.array(json.dumps(extras.notes)),
-            )
-        os.replace(temporary, cache_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(cache_path) as partial, partial.open("wb") as stream:
+        np.savez(
+            stream,
+            images=dataset.images,
+            labels=dataset.labels,
+            class_names=np.array(dataset.class_names),
+            paths=np.array(dataset.paths, dtype=str),
+            hashes=np.array(dataset.hashes, dtype=str),
+            patients=np.array(dataset.patients, dtype=str),
+            sources=np.array(dataset.sources, dtype=str),
+            fixed_splits=np.array(dataset.fixed_splits, dtype=str),
+            sizes=np.array(extras.sizes, dtype=str),
+            modes=np.array(extras.modes, dtype=str),
+            failures=np.array(json.dumps(extras.failures)),
+            notes=np.array(json.dumps(extras.notes)),
+        )
 
 
 def read_cache(cache_path: Path) -> Dataset:
