@@ -26,6 +26,8 @@ from cxrtune.trainables.data import DataError, ingest, read_cache
 from cxrtune.trainables.engine import evaluate
 from cxrtune.trainables.splits import read_splits
 
+__all__ = ["EvaluationSet", "evaluate_checkpoint", "evaluate_in_process", "unreadable_reason"]
+
 EVALUATED_SPLITS = ("val", "test")
 
 

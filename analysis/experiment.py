@@ -46,6 +46,38 @@ from cxrtune.analysis.storage import (
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY, metric_mode
 
+__all__ = [
+    "CHECKPOINT_COLUMN",
+    "DATASET_FILE",
+    "DEFAULT_BOOTSTRAP_RESAMPLES",
+    "DEFAULT_SCHEDULER_METRIC",
+    "EVALUATION_FILE",
+    "INGEST_REPORT_JSON",
+    "INGEST_REPORT_TEXT",
+    "LEADERBOARD_CSV",
+    "LEADERBOARD_MD",
+    "MIRRORED_TRIAL_FILES",
+    "OPTUNA_JOURNAL",
+    "OPTUNA_JOURNAL_SEGMENTS",
+    "OPTUNA_STUDY_NAME",
+    "PARAMS_FILE",
+    "RESULTS_FILE",
+    "SPLITS_FILE",
+    "SWEEP_FILE",
+    "DatasetInfo",
+    "Evaluations",
+    "Evaluator",
+    "Experiment",
+    "ExperimentError",
+    "Predictions",
+    "TrialRecord",
+    "best_epoch_row",
+    "local_experiment_dir",
+    "optuna_journal",
+    "read_experiment",
+    "read_trial",
+]
+
 SWEEP_FILE = "sweep.yaml"
 # Defaults of the sweep-file keys the analysis reads, for a sweep.yaml written before the
 # key existed; the sweep file (``cxrtune.search.config``) takes its defaults from here.

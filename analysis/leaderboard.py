@@ -86,6 +86,23 @@ from cxrtune.trainables.metrics import (
     recall_at_specificity,
 )
 
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_EVALUATE_TOP",
+    "HYPERPARAMETERS",
+    "TEST_COLUMNS",
+    "Leaderboard",
+    "build_leaderboard",
+    "ensemble_metrics",
+    "first_line",
+    "format_interval",
+    "format_leaderboard",
+    "format_number",
+    "held_out_metrics",
+    "resolve_evaluate_top",
+    "write_leaderboard",
+]
+
 # Without an evaluate_top setting, a sweep of at most this many ranked trials has every
 # trial evaluated on test, a larger one its top this many.
 DEFAULT_EVALUATE_TOP = 100

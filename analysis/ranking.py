@@ -14,6 +14,8 @@ import pandas as pd
 
 from cxrtune.trainables.metrics import metric_mode
 
+__all__ = ["DEFAULT_OBJECTIVES", "pareto_front_rank", "rank_trials"]
+
 # The default order: Pareto front over (val COVID recall at the target specificity,
 # val macro AUC), then each of them in turn. Argmax COVID recall is no objective:
 # a model that calls everything COVID would win it.

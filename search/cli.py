@@ -21,6 +21,8 @@ from cxrtune.trainables.config import GROUPINGS
 if TYPE_CHECKING:
     from cxrtune.analysis.leaderboard import Leaderboard
 
+__all__ = ["EXIT_BAD_INPUT", "EXIT_OK", "build_parser", "finish_with_leaderboard", "main"]
+
 EXIT_OK = 0
 EXIT_NO_RESULTS = 1
 EXIT_BAD_INPUT = 2

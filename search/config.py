@@ -28,6 +28,18 @@ from cxrtune.trainables.config import (
 from cxrtune.trainables.layouts import LAYOUTS
 from cxrtune.trainables.metrics import DEFAULT_TARGET_SPECIFICITY
 
+__all__ = [
+    "SAMPLERS",
+    "SEARCHABLE_METRICS",
+    "STOPPED_TRIAL_POLICIES",
+    "SplitFractions",
+    "SweepConfig",
+    "SweepConfigError",
+    "SyntheticData",
+    "load_sweep_config",
+    "write_sweep_config",
+]
+
 SAMPLERS = ("tpe", "nsga2")
 # How a trial ASHA stopped early is told to Optuna (cxrtune.search.searcher).
 STOPPED_TRIAL_POLICIES = ("complete", "pruned", "omit")

@@ -14,6 +14,8 @@ from ray.tune import Callback
 
 from cxrtune.trainables.failures import TRIAL_ERROR_KEY
 
+__all__ = ["SweepProgress", "expected_epochs_left", "format_duration"]
+
 
 def expected_epochs_left(
     epochs_done: int, max_epochs: int, grace_period: int, reduction_factor: int

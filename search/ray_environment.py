@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import os
 
+__all__ = [
+    "LOOPBACK_RAY_ENVIRONMENT",
+    "QUIET_TUNE_ENVIRONMENT",
+    "check_loopback_ray",
+    "use_loopback_ray",
+]
+
 # Read by Ray when it is imported, so they are set before the first ``import ray``.
 LOOPBACK_RAY_ENVIRONMENT = {
     # Otherwise Ray swaps 127.0.0.1 for the machine's outward address and its servers

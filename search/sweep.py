@@ -61,6 +61,22 @@ if TYPE_CHECKING:
 
     from cxrtune.trainables.models import StateDict
 
+__all__ = [
+    "UNRECORDED_TRIALS_DIR",
+    "SweepOutcome",
+    "describe_data",
+    "experiment_dir_for",
+    "ingest_with_progress",
+    "prepare_data",
+    "prepare_resumed_data",
+    "resume_sweep",
+    "run_sweep",
+    "set_aside_unrecorded_trials",
+    "split_data",
+    "start_ray",
+    "write_experiment_files",
+]
+
 
 @dataclass(frozen=True)
 class PreparedData:

@@ -46,6 +46,26 @@ from cxrtune.trainables.trainable import train_trial
 if TYPE_CHECKING:
     import optuna
 
+__all__ = [
+    "DATA_PARALLEL_DRIVER",
+    "EXPERIMENT_DIR_ATTR",
+    "JOURNAL_UPLOAD_INTERVAL_S",
+    "REUSE_ACTORS",
+    "FamilyResourcesFn",
+    "JournalUpload",
+    "TrialSpace",
+    "build_sampler",
+    "build_scheduler",
+    "build_searcher",
+    "build_trainable",
+    "build_tuner",
+    "data_parallel_resources",
+    "journal_storage",
+    "mlflow_callback",
+    "trial_dirname",
+    "trial_space",
+]
+
 logger = logging.getLogger(__name__)
 
 # The Optuna study attribute holding the experiment dir the sweep started in. Ray's

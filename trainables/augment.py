@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+__all__ = ["augment_batch", "sampling_grid"]
+
 # The largest change each transform makes at strength 1.
 MAX_ROTATION_DEGREES = 15.0
 MAX_SHIFT_FRACTION = 0.10  # of the image side

@@ -36,6 +36,18 @@ from cxrtune.trainables.models import create_model
 if TYPE_CHECKING:
     from ray.tune import Checkpoint
 
+__all__ = [
+    "CHECKSUM_FILE",
+    "CUDA_RNG_KEY",
+    "GRAD_SCALER_KEY",
+    "NOT_TENSORS",
+    "CheckpointCorruptError",
+    "model_from_checkpoint",
+    "newest_readable_state",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
 CHECKPOINT_FILE = "checkpoint.pt"
 # Keys of the checkpoint state present only when they apply.
 CUDA_RNG_KEY = "cuda_rng"

@@ -15,6 +15,16 @@ from typing import Any
 
 from cxrtune.spaces import FAMILIES, IMBALANCE_STRATEGIES
 
+__all__ = [
+    "DEFAULT_MAX_EPOCHS",
+    "GROUPINGS",
+    "OPTIMIZERS",
+    "VGG16_BLOCKS",
+    "ConfigError",
+    "FamilyResources",
+    "TrialConfig",
+]
+
 OPTIMIZERS = ("adam", "adamw")
 # What the splits keep together: each patient, each source, or nothing (images alone).
 GROUPINGS = ("patient", "source", "none")

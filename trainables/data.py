@@ -41,6 +41,23 @@ from cxrtune.trainables.layouts import (
 )
 from cxrtune.trainables.shortcut import ShortcutCheck, check_shortcut
 
+__all__ = [
+    "DECODE_ERRORS",
+    "DataError",
+    "Dataset",
+    "IngestReport",
+    "contents_in_two_splits",
+    "decode_image",
+    "default_cache_dir",
+    "find_positive_class",
+    "ingest",
+    "read_cache",
+    "read_error_reason",
+    "read_gray",
+    "resize",
+    "write_cache",
+]
+
 # Bump when decoding changes, so caches written by older code are not reused.
 CACHE_FORMAT_VERSION = 3
 

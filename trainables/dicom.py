@@ -28,6 +28,8 @@ from pydicom.pixels import (
 )
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+__all__ = ["DicomError", "decode_dicom", "read_dicom"]
+
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 YBR_TO_RGB = frozenset({"YBR_FULL", "YBR_FULL_422"})

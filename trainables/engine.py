@@ -24,6 +24,23 @@ from torch.utils.data import WeightedRandomSampler
 from cxrtune.trainables.augment import augment_batch
 from cxrtune.trainables.models import GRAY_MEAN, GRAY_STD
 
+__all__ = [
+    "NON_FINITE_CHECK_STEPS",
+    "PRECISIONS",
+    "NonFiniteLossError",
+    "Precision",
+    "autocast",
+    "choose_precision",
+    "epoch_indices",
+    "epoch_seed",
+    "evaluate",
+    "grad_scaler",
+    "loss_class_weights",
+    "shard_for_rank",
+    "to_model_input",
+    "train_one_epoch",
+]
+
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
 

@@ -18,6 +18,20 @@ import pandas as pd
 
 from cxrtune.spaces import Registry
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LAYOUTS",
+    "Layout",
+    "LayoutError",
+    "Listing",
+    "Sample",
+    "detect_layout",
+    "get_layout",
+    "images_under",
+    "list_manifest",
+    "register_layout",
+]
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm"})
 MANIFEST_COLUMNS = ("path", "label")
 MANIFEST_OPTIONAL_COLUMNS = ("patient_id", "source", "split")

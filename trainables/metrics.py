@@ -25,6 +25,15 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+__all__ = [
+    "DEFAULT_TARGET_SPECIFICITY",
+    "classification_metrics",
+    "metric_mode",
+    "metric_safe_name",
+    "recall_at_specificity",
+    "threshold_for_specificity",
+]
+
 DEFAULT_TARGET_SPECIFICITY = 0.95
 
 

@@ -16,6 +16,21 @@ from torch import nn
 from cxrtune.spaces import Registry
 from cxrtune.trainables.config import VGG16_BLOCKS, TrialConfig
 
+__all__ = [
+    "GRAY_MEAN",
+    "GRAY_STD",
+    "MODELS",
+    "ModelBuilder",
+    "StateDict",
+    "VGG16Classifier",
+    "WeightsUnavailableError",
+    "create_model",
+    "load_vgg16_features",
+    "read_vgg16_weights",
+    "register_model",
+    "resolve_vgg16_weights",
+]
+
 # A state dict: parameter name -> tensor.
 StateDict = dict[str, torch.Tensor]
 # (config, number of classes, image size, pretrained state dict or None) -> model

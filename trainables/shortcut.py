@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["ShortcutCheck", "check_shortcut"]
+
 PROBE_SIZE = 16  # pixels per side the probe sees
 MIN_IMAGES_PER_SOURCE = 5  # sources with fewer images are left out of the probe
 MAX_FOLDS = 5

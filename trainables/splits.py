@@ -21,6 +21,17 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from cxrtune.trainables.config import GROUPINGS
 from cxrtune.trainables.data import DataError, Dataset, contents_in_two_splits
 
+__all__ = [
+    "SPLITS",
+    "SplitIndices",
+    "group_ids",
+    "images_in_no_split",
+    "make_splits",
+    "read_splits",
+    "stratified_split",
+    "write_splits",
+]
+
 SPLITS = ("train", "val", "test")
 # Fewer images of a class than this in a split make its recall and AUC noise.
 MIN_IMAGES_PER_SPLIT = 3

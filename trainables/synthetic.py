@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+__all__ = ["CLASS_NAMES", "MARKER_FILE", "class_counts", "render_image", "write_synthetic_dataset"]
+
 CLASS_NAMES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral_Pneumonia")
 # COVID is the minority class, echoing the imbalance of the COVID-19 Radiography Database.
 CLASS_FRACTIONS: dict[str, float] = {
