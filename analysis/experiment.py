@@ -14,9 +14,10 @@ Layout, under ``storage_path/<experiment name>/``:
 - ``optuna_study.journal``: the sweep's Optuna study;
 - ``leaderboard.csv`` and ``leaderboard.md``, written by ``cxrtune leaderboard``.
 
-The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``):
-``local_experiment_dir`` mirrors what the analysis reads into a local folder and
-uploads what it writes there back. There the journal is uploaded as it grows, in
+The experiment dir may also be remote (``s3://bucket/prefix/<experiment name>``).
+``ExperimentDir`` is the one place that tells local from remote: the sweep writes
+through it, and ``local_experiment_dir`` mirrors what the analysis reads into a local
+folder and uploads what it writes there back. There the journal is uploaded as it grows, in
 segments (``optuna_journal``), and compacted into one whole ``optuna_study.journal``
 when the sweep ends; the mirror always holds it as one file.
 """
@@ -24,7 +25,9 @@ when the sweep ends; the mirror always holds it as one file.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
+import shutil
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -33,12 +36,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import yaml
 
+from cxrtune.analysis.outputs import writable_folder
 from cxrtune.analysis.storage import (
     AppendedFile,
+    AppendUpload,
     RemoteDir,
     RemoteFile,
+    driver_files_dir,
     is_remote,
     mirror_dir,
     redacted,
@@ -68,6 +75,7 @@ __all__ = [
     "Evaluations",
     "Evaluator",
     "Experiment",
+    "ExperimentDir",
     "ExperimentError",
     "Predictions",
     "TrialRecord",
@@ -124,6 +132,120 @@ def optuna_journal(experiment: RemoteDir) -> AppendedFile:
 
 class ExperimentError(ValueError):
     """A folder is not a readable experiment dir; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class ExperimentDir:
+    """Where one sweep's files live: a local folder, or a prefix on S3 (``s3://``).
+
+    The one place that tells the two apart. The sweep writes through it: its files
+    before any trial (``write``), the storage Ray puts trials in (``ray_storage``) and
+    the Optuna journal (``journal``, with ``journal_appends`` where it must be uploaded).
+    The analysis reads through ``local_experiment_dir``.
+    """
+
+    location: Path | str  # a local folder (absolute), or the URI of a remote one
+    remote: RemoteDir | None = None
+
+    @classmethod
+    def under(cls, storage_path: str | Path, name: str) -> ExperimentDir:
+        """The dir ``name`` under ``storage_path``; nothing is read or written yet."""
+        if is_remote(storage_path):
+            remote = RemoteDir.open(str(storage_path)).child(name)
+            return cls(remote.uri, remote)
+        return cls(Path(storage_path).expanduser().resolve() / name)
+
+    @classmethod
+    def at(cls, location: str | Path) -> ExperimentDir:
+        """The dir at ``location``, a local path or a URI."""
+        if is_remote(location):
+            remote = RemoteDir.open(str(location))
+            return cls(remote.uri, remote)
+        return cls(Path(location).expanduser().resolve())
+
+    @property
+    def display(self) -> str:
+        """The location for messages, without any keys written into a URI."""
+        return redacted(str(self.location))
+
+    @property
+    def name(self) -> str:
+        """The experiment's name: the dir's last part."""
+        return self.remote.name if self.remote is not None else Path(self.location).name
+
+    @property
+    def driver_folder(self) -> Path:
+        """Where the sweep's driver writes its own files of the dir: the dir itself when
+        local, else this machine's folder for it (``driver_files_dir``), uploaded from."""
+        if self.remote is not None:
+            return driver_files_dir(self.remote)
+        return Path(self.location)
+
+    @property
+    def journal(self) -> Path:
+        """The Optuna journal the sweep's searcher appends to, on the driver's disk."""
+        return self.driver_folder / OPTUNA_JOURNAL
+
+    def is_taken(self) -> bool:
+        """Whether the dir already holds something (a new sweep must not write into it)."""
+        if self.remote is not None:
+            return bool(self.remote.files())
+        directory = Path(self.location)
+        return directory.exists() and (not directory.is_dir() or any(directory.iterdir()))
+
+    def check_writable(self) -> None:
+        """Fail now if the dir cannot be written: a remote store that refuses writes is a
+        ``StorageError``, a local folder (created here) that refuses them an ``OutputError``."""
+        if self.remote is not None:
+            self.remote.check_writable()
+        else:
+            writable_folder(Path(self.location).parent, option="storage_path")
+
+    def write(self, write_files: Callable[[Path], None]) -> None:
+        """Call ``write_files`` on the driver's folder of the dir and upload what it wrote.
+
+        A remote dir's driver folder starts empty: one left by an earlier sweep of the
+        same URI, since removed there, goes first.
+        """
+        folder = self.driver_folder
+        if self.remote is not None and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_files(folder)
+        if self.remote is not None:
+            self.remote.upload_files(folder, sorted(path.name for path in folder.iterdir()))
+
+    def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
+        """The storage path and filesystem Ray's ``RunConfig`` takes for this dir's parent.
+
+        Remote: the bare path with the store's filesystem, so an endpoint written into the
+        URI reaches the trials inside the pickled filesystem.
+        """
+        if self.remote is not None:
+            return posixpath.dirname(self.remote.path), self.remote.filesystem
+        return str(Path(self.location).parent), None
+
+    def journal_appends(self) -> AppendUpload | None:
+        """What uploads the journal's new lines to a remote dir; ``None`` for a local one."""
+        if self.remote is None:
+            return None
+        return AppendUpload(self.journal, optuna_journal(self.remote))
+
+    @staticmethod
+    def resumable(location: str | Path) -> Path:
+        """The local folder at ``location`` a sweep can resume in; a URI is an error.
+
+        Nothing is contacted: the error comes before any store is opened.
+        """
+        if is_remote(location):
+            # Ray can restore from S3, but the searcher's Optuna journal lives on the disk
+            # of the driver that started the sweep, and resume does not fetch it yet.
+            raise ExperimentError(
+                f"cannot resume {redacted(str(location))}: resuming a sweep stored on S3 is "
+                "not supported yet; start a new sweep (finished trials stay readable by "
+                "`cxrtune leaderboard`)"
+            )
+        return Path(location).expanduser().resolve()
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,8 @@ from cxrtune.analysis.experiment import (
     SPLITS_FILE,
     SWEEP_FILE,
     DatasetInfo,
+    ExperimentDir,
 )
-from cxrtune.analysis.outputs import writable_folder
-from cxrtune.analysis.storage import RemoteDir, driver_files_dir, is_remote, redacted
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.search.ray_environment import (
     QUIET_TUNE_ENVIRONMENT,
@@ -218,12 +217,18 @@ def split_data(
 
 
 def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | str, str]:
-    """The new experiment dir and its name; an existing non-empty dir is an error.
+    """The new experiment dir's location and name (see ``new_experiment_dir``)."""
+    experiment = new_experiment_dir(config, name)
+    return experiment.location, experiment.name
 
-    Under an ``s3://`` storage path the dir is a URI, and the store is checked to
-    take writes now, so a missing bucket, missing credentials or an unreachable
-    endpoint fail before any data work. A local storage path is created and checked
-    the same way (``OutputError``).
+
+def new_experiment_dir(config: SweepConfig, name: str | None) -> ExperimentDir:
+    """The new experiment dir, ``name`` under the storage path; a non-empty one is an error.
+
+    Without a name, the sweep's name and the time make one. The storage is checked to
+    take writes now, so a missing bucket, missing credentials or an unreachable endpoint
+    (``StorageError``), or a local folder that cannot be written (``OutputError``), fail
+    before any data work.
     """
     if name is None:
         name = f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -232,19 +237,13 @@ def experiment_dir_for(config: SweepConfig, name: str | None) -> tuple[Path | st
             f"experiment name {name!r}: must be one folder name under storage_path, "
             "without '/' or '\\' and not '.' or '..'"
         )
-    if is_remote(config.storage_path):
-        experiment = RemoteDir.open(config.storage_path).child(name)
-        if experiment.files():
-            raise SweepConfigError(
-                f"experiment dir {experiment.display} already exists; choose another --name"
-            )
-        experiment.check_writable()
-        return experiment.uri, name
-    storage = writable_folder(config.storage_path, option="storage_path").resolve()
-    directory = storage / name
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise SweepConfigError(f"experiment dir {directory} already exists; choose another --name")
-    return directory, name
+    experiment = ExperimentDir.under(config.storage_path, name)
+    if experiment.is_taken():
+        raise SweepConfigError(
+            f"experiment dir {experiment.display} already exists; choose another --name"
+        )
+    experiment.check_writable()
+    return experiment
 
 
 def write_experiment_files(
@@ -255,19 +254,12 @@ def write_experiment_files(
     A remote dir gets them through the driver's local folder for it (see
     ``driver_files_dir``), which a new sweep starts empty.
     """
-    if is_remote(directory):
-        experiment = RemoteDir.open(str(directory))
-        local = driver_files_dir(experiment)
-        if local.exists():  # left by an earlier sweep of the same URI, since removed there
-            shutil.rmtree(local)
-        _write_experiment_files(local, config, prepared)
-        experiment.upload_files(local, sorted(path.name for path in local.iterdir()))
-    else:
-        _write_experiment_files(Path(directory), config, prepared)
+    ExperimentDir.at(directory).write(
+        lambda folder: _write_experiment_files(folder, config, prepared)
+    )
 
 
 def _write_experiment_files(directory: Path, config: SweepConfig, prepared: PreparedData) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
     write_sweep_config(config, directory / SWEEP_FILE)
     prepared.info.write(directory / DATASET_FILE)
     (directory / INGEST_REPORT_JSON).write_text(prepared.report.to_json())
@@ -324,7 +316,7 @@ def run_sweep(
     from cxrtune.search.progress import SweepProgress
     from cxrtune.search.tuner import build_tuner
 
-    experiment_dir, experiment_name = experiment_dir_for(config, name)
+    experiment = new_experiment_dir(config, name)
     # Read before any data work or trial, so an offline machine or a bad file fails at once.
     vgg16_weights, pretrained = pretrained_weights(config)
     if config.mlflow_uri:
@@ -337,11 +329,11 @@ def run_sweep(
         except MLflowError as error:
             raise SweepConfigError(f"mlflow_uri: {error}") from error
     prepared = prepare_data(config)
-    write_experiment_files(experiment_dir, config, prepared)
+    experiment.write(lambda folder: _write_experiment_files(folder, config, prepared))
     print(describe_data(prepared.info))
     if (check := prepared.report.shortcut_check()) is not None and check.warns:
         print(check.warning(), file=sys.stderr)
-    print(f"Experiment dir: {redacted(str(experiment_dir))}")
+    print(f"Experiment dir: {experiment.display}")
 
     start_ray(address)
     progress = SweepProgress(
@@ -350,17 +342,15 @@ def run_sweep(
     tuner = build_tuner(
         config,
         prepared.trial_data(config.target_specificity),
-        experiment_name=experiment_name,
-        storage_path=(
-            config.storage_path if is_remote(experiment_dir) else str(Path(experiment_dir).parent)
-        ),
+        experiment_name=experiment.name,
+        storage_path=config.storage_path,
         vgg16_weights=vgg16_weights,
         progress=progress,
         pretrained=pretrained,
     )
     results = tuner.fit()
     return SweepOutcome(
-        experiment_dir=experiment_dir, trials=len(results), errored=errored_trials(results)
+        experiment_dir=experiment.location, trials=len(results), errored=errored_trials(results)
     )
 
 
@@ -418,19 +408,10 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
         use_loopback_ray()  # before the imports below bring Ray in
     from ray import tune
 
-    from cxrtune.analysis.experiment import ExperimentError
     from cxrtune.search.config import load_sweep_config
     from cxrtune.search.tuner import build_trainable
 
-    if is_remote(str(experiment_dir)):
-        # Ray can restore from S3, but the searcher's Optuna journal lives on the disk
-        # of the driver that started the sweep, and resume does not fetch it yet.
-        raise ExperimentError(
-            f"cannot resume {redacted(str(experiment_dir))}: resuming a sweep stored on S3 "
-            "is not supported yet; start a new sweep (finished trials stay readable by "
-            "`cxrtune leaderboard`)"
-        )
-    directory = Path(experiment_dir).expanduser().resolve()
+    directory = ExperimentDir.resumable(experiment_dir)
     require_resumable(directory)
     config = load_sweep_config(directory / SWEEP_FILE)
     _, pretrained = pretrained_weights(config)

@@ -22,14 +22,12 @@ from ray.tune import PlacementGroupFactory
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from cxrtune.analysis.experiment import OPTUNA_JOURNAL, OPTUNA_STUDY_NAME, optuna_journal
+from cxrtune.analysis.experiment import OPTUNA_STUDY_NAME, ExperimentDir, optuna_journal
 from cxrtune.analysis.mlflow_export import credentials_to_environment
 from cxrtune.analysis.storage import (
     AppendUpload,
     RemoteDir,
     StorageError,
-    driver_files_dir,
-    is_remote,
 )
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
@@ -389,17 +387,12 @@ def build_tuner(
     # Written in place, not through Ray's staging dir. Its name must not end in .json or
     # .pkl: on resume Ray copies such files from the experiment dir to its staging dir and
     # later uploads them back, which would put a stale copy over the live journal.
-    journal = Path(storage_path) / experiment_name / OPTUNA_JOURNAL
-    storage_filesystem = None
-    if is_remote(storage_path):
-        storage = RemoteDir.open(storage_path)
-        experiment = storage.child(experiment_name)
-        journal = driver_files_dir(experiment) / OPTUNA_JOURNAL
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        callbacks.append(JournalUpload(journal, experiment))
-        # Ray takes the bare path with the filesystem: an endpoint written into the URI
-        # reaches the trials inside the pickled filesystem (keys in the URI are refused).
-        storage_path, storage_filesystem = storage.path, storage.filesystem
+    experiment = ExperimentDir.under(storage_path, experiment_name)
+    journal = experiment.journal
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    if experiment.remote is not None:
+        callbacks.append(JournalUpload(journal, experiment.remote))
+    ray_storage_path, storage_filesystem = experiment.ray_storage()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -412,7 +405,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=experiment_name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 # Kept by CheckpointRetention, not by Ray's num_to_keep (see there).
