@@ -77,6 +77,10 @@ MIN_TRIALS_FOR_IMPORTANCE = 2
 # many (at 10,000 trials the whole study took minutes; a sample this size weighs the few
 # parameters of a family as well).
 IMPORTANCE_TRIALS = 1_000
+# Trees of fANOVA's forest (Optuna's default is 64). On 1,000 replayed trials, 16 trees ran
+# 4.3x faster and moved no importance by more than 0.011, next to 0.006 between two seeds of
+# 64 trees; halving the trials instead moved them by 0.135 and reordered them.
+IMPORTANCE_TREES = 16
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -462,7 +466,7 @@ def _quiet_optuna() -> Iterator[None]:
 def parameter_importance(
     study: optuna.Study, objectives: Sequence[str] = DEFAULT_OBJECTIVES
 ) -> pd.DataFrame:
-    """fANOVA importance (Optuna's default evaluator, seeded) of each parameter for each objective.
+    """fANOVA importance (Optuna's evaluator, seeded) of each parameter for each objective.
 
     Columns: ``scope``, ``objective``, ``parameter``, ``importance`` (sums to 1 per scope and
     objective). Scope ``all families`` covers the parameters every complete trial shares with
@@ -502,7 +506,7 @@ def parameter_importance(
                 continue
             importances = get_param_importances(
                 subset,
-                evaluator=FanovaImportanceEvaluator(seed=0),
+                evaluator=FanovaImportanceEvaluator(n_trees=IMPORTANCE_TREES, seed=0),
                 params=sorted(params),
                 target=_value_of(index),
             )
