@@ -44,6 +44,7 @@ from benchmarks._cluster import LoopbackCluster, NodeSpec, loopback_cluster, ses
 from benchmarks._cluster_driver import EPOCH_SECONDS_VARIABLE
 from benchmarks._harness import BenchmarkResult, Goal, Row, Settings, Side, register_benchmark
 from benchmarks._searcher_latency import SearcherLatency, measure_searcher_latency
+from cxrtune.search.sweep import UNRECORDED_TRIALS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 PLOT = REPO / "benchmarks" / "results" / "cluster_scale.png"
@@ -203,6 +204,8 @@ def run_driver(
 
 def result_rows(experiment: Path) -> Iterator[dict[str, Any]]:
     """Every result every trial reported, the trial folder's name added; cut lines skipped."""
+    if not experiment.is_dir():
+        return
     for entry in os.scandir(experiment):
         path = Path(entry.path) / "result.json"
         if not entry.is_dir() or not path.is_file():
@@ -334,22 +337,30 @@ def cluster_scale(settings: Settings) -> BenchmarkResult:
             value for value in sweep_overrides(storage, trials, slots) if is_search_key(value)
         ],
     )
-    rows = list(result_rows(experiment))
-    finished = sorted(
-        max(row["epoch_ended"] for row in trial_rows)
-        for trial_rows in group_by_trial(rows).values()
-    )
+    recorded = list(result_rows(experiment))
+    # Trials the killed driver ran but its last snapshot lacked: resume sets them aside and
+    # the sweep does not count them, but they ran, and the first driver did their work.
+    set_aside = list(result_rows(experiment / UNRECORDED_TRIALS_DIR))
     return summarise(
         trials=trials,
         slots=slots,
-        rows=rows,
-        finished=finished,
+        rows=[*recorded, *set_aside],
+        finished=finish_times([*recorded, *set_aside]),
+        recorded=len(group_by_trial(recorded)),
         drivers=(first, second),
         sizes=[*sizes, *more_sizes, (time.time(), final_bytes)],
         leaderboard_s=leaderboard_s,
         report_s=report_s,
         latency=latency,
         quick=settings.quick,
+    )
+
+
+def finish_times(rows: list[dict[str, Any]]) -> list[float]:
+    """When each trial reported its last epoch, in order."""
+    return sorted(
+        max(row["epoch_ended"] for row in trial_rows)
+        for trial_rows in group_by_trial(rows).values()
     )
 
 
@@ -366,6 +377,7 @@ def summarise(
     slots: int,
     rows: list[dict[str, Any]],
     finished: list[float],
+    recorded: int,
     drivers: tuple[DriverSamples, DriverSamples],
     sizes: list[tuple[float, int]],
     leaderboard_s: float | None,
@@ -383,11 +395,14 @@ def summarise(
     _, rss_end = reading_at(second, finished[-1])
     # The first driver ran without a break from trial ``early`` to its kill near ``half``.
     cpu_slope, rss_slope = slopes(first, finished, early, half)
+    # NaN when the first driver saw too few trials end past ``early`` to fit a line.
+    sloped = math.isfinite(cpu_slope) and math.isfinite(rss_slope)
+    no_slope = f"too few trials ended in the first driver after trial {early:,} for a slope"
     placement = packing(rows)
     epochs = len({(row["trial"], row["epoch"]) for row in rows})
     ideal_s = epochs * EPOCH_SECONDS / slots
     wall_s = max(row["epoch_ended"] for row in rows) - min(row["epoch_started"] for row in rows)
-    ended = len(finished)
+    ended = recorded
     per_node = slots // max(1, len({row["node_id"] for row in rows}))
     bytes_half = bytes_per_trial(sizes, finished, at_least=half // 2)
     bytes_end = sizes[-1][1] / trials
@@ -429,10 +444,13 @@ def summarise(
             figure_kind="seconds",
             goal=CPU_GOAL,
             candidate=Side("sweep + resume", "s/trial", [cpu_total / trials]),
-            notes=f"{cpu_slope:.3f}s per further trial from trial {early:,}; wall "
-            f"{wall_s:.0f}s against an ideal {ideal_s:.0f}s, "
+            notes=(
+                f"{cpu_slope:.3f}s per further trial from trial {early:,}" if sloped else no_slope
+            )
+            + f"; wall {wall_s:.0f}s against an ideal {ideal_s:.0f}s, "
             f"{(wall_s - ideal_s) / trials:.3f}s per trial over it",
-            extra={"marginal_s": cpu_slope, "wall_s": wall_s, "ideal_s": ideal_s},
+            extra={"wall_s": wall_s, "ideal_s": ideal_s}
+            | ({"marginal_s": cpu_slope} if sloped else {}),
         ),
         Row(
             # The driver's work per result bounds the trials it keeps up with: results
@@ -453,8 +471,12 @@ def summarise(
             goal=MEMORY_GOAL_MB,
             candidate=Side(f"RSS at trial {trials:,}", "MB", [rss_end / 2**20]),
             baseline=Side(f"RSS at trial {early:,}", "MB", [rss_early / 2**20]),
-            notes=f"{rss_slope * 1000 / 2**20:.1f} MB per 1,000 trials in one driver",
-            extra={"mb_per_1000_trials": rss_slope * 1000 / 2**20},
+            notes=(
+                f"{rss_slope * 1000 / 2**20:.1f} MB per 1,000 trials in one driver"
+                if sloped
+                else no_slope
+            ),
+            extra={"mb_per_1000_trials": rss_slope * 1000 / 2**20} if sloped else {},
         ),
         Row(
             case="experiment dir bytes per trial: end / half-way",
