@@ -42,7 +42,6 @@ import yaml
 from cxrtune.analysis.outputs import writable_folder
 from cxrtune.analysis.storage import (
     AppendedFile,
-    AppendUpload,
     RemoteDir,
     RemoteFile,
     driver_files_dir,
@@ -140,7 +139,7 @@ class ExperimentDir:
 
     The one place that tells the two apart. The sweep writes through it: its files
     before any trial (``write``), the storage Ray puts trials in (``ray_storage``) and
-    the Optuna journal (``journal``, with ``journal_appends`` where it must be uploaded).
+    the Optuna journal (``journal``; on a remote dir ``remote`` is where it is uploaded).
     The analysis reads through ``local_experiment_dir``.
     """
 
@@ -224,12 +223,6 @@ class ExperimentDir:
         if self.remote is not None:
             return posixpath.dirname(self.remote.path), self.remote.filesystem
         return str(Path(self.location).parent), None
-
-    def journal_appends(self) -> AppendUpload | None:
-        """What uploads the journal's new lines to a remote dir; ``None`` for a local one."""
-        if self.remote is None:
-            return None
-        return AppendUpload(self.journal, optuna_journal(self.remote))
 
     @staticmethod
     def resumable(location: str | Path) -> Path:
