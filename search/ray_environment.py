@@ -9,7 +9,7 @@ import os
 
 __all__ = [
     "LOOPBACK_RAY_ENVIRONMENT",
-    "QUIET_TUNE_ENVIRONMENT",
+    "SWEEP_TUNE_ENVIRONMENT",
     "check_loopback_ray",
     "use_loopback_ray",
 ]
@@ -22,7 +22,7 @@ LOOPBACK_RAY_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 # Read when a sweep starts.
-QUIET_TUNE_ENVIRONMENT = {
+SWEEP_TUNE_ENVIRONMENT = {
     # The legacy reporter at verbosity 0 prints nothing; the sweep prints its own progress.
     "RAY_AIR_NEW_OUTPUT": "0",
     # A checkpoint every epoch is intended, not a misconfiguration to warn about.
@@ -32,6 +32,10 @@ QUIET_TUNE_ENVIRONMENT = {
     # searched metrics would turn that into a driver error. The sweep file's metric
     # names are checked against the known keys when it is read.
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    # The driver keeps a record of every checkpoint of every trial; with this, each
+    # record holds the scheduler's metric alone instead of a copy of the epoch's whole
+    # result. Nothing reads the rest there: results are read from the trials' files.
+    "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE": "1",
 }
 
 

@@ -1,4 +1,5 @@
-"""Which checkpoints each trial keeps: its best few by the scheduler's metric, and its latest.
+"""What the sweep keeps of each trial: its best few checkpoints and its latest, on storage;
+and, in the driver, no metric history once the trial has ended.
 
 Ray's ``CheckpointConfig(num_to_keep=N)`` keeps the same ones, but forces a snapshot
 of the whole experiment state each time a trial has checkpointed N times since the
@@ -34,7 +35,7 @@ from ray import tune
 
 from cxrtune.search.searcher import metric_mode
 
-__all__ = ["CheckpointRetention", "checkpoints_to_delete"]
+__all__ = ["CheckpointRetention", "ForgetEndedTrialHistory", "checkpoints_to_delete"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +198,52 @@ def delete(doomed: list[Doomed]) -> None:
             filesystem.delete_dir(path)
         except OSError as error:
             logger.warning("could not delete the checkpoint %s: %s", path, error)
+
+
+class ForgetEndedTrialHistory(tune.Callback):
+    """Drops the running statistics Ray Tune keeps of each ended trial's metrics.
+
+    For every trial, Tune keeps the min, max, mean and last-5 and last-10 means of
+    each numeric key it has reported, about 2 KB per key, and writes them into every
+    snapshot of the experiment state. Ended trials stay in the driver until the sweep
+    ends, so this grows with the trials: about 35 of the 60 KB each ended trial held
+    in a replayed 10,000-trial sweep (``benchmarks/cluster_scale.py``). Nothing in
+    cxrtune reads these statistics (results are read from the trials' files), and a
+    resumed sweep does not run ended trials again.
+
+    The statistics live in ``trial.run_metadata``, which Tune offers no public way to
+    trim. Should a later Ray rename it, this warns once and leaves trials as they are.
+    """
+
+    def __init__(self) -> None:
+        self.restored_trials_seen = False
+        self.warned = False
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if not self.restored_trials_seen:
+            # A resumed sweep restores the trials that had ended, statistics and all.
+            self.restored_trials_seen = True
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    self.forget(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.forget(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.forget(trial)
+
+    def forget(self, trial: Any) -> None:
+        metadata: Any = getattr(trial, "run_metadata", None)
+        if not (hasattr(metadata, "metric_analysis") and hasattr(metadata, "metric_n_steps")):
+            if not self.warned:
+                self.warned = True
+                logger.warning(
+                    "this Ray keeps trial metrics where cxrtune does not look; "
+                    "ended trials keep their metric history in the driver"
+                )
+            return
+        # Assigning, not clearing in place: the assignment also drops the JSON that
+        # Tune cached of the trial's metadata, so the next snapshot writes the trimmed one.
+        metadata.metric_analysis = {}
+        metadata.metric_n_steps = {}

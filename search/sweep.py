@@ -33,7 +33,7 @@ from cxrtune.analysis.experiment import (
 )
 from cxrtune.search.config import SweepConfig, SweepConfigError, write_sweep_config
 from cxrtune.search.ray_environment import (
-    QUIET_TUNE_ENVIRONMENT,
+    SWEEP_TUNE_ENVIRONMENT,
     check_loopback_ray,
     use_loopback_ray,
 )
@@ -274,7 +274,7 @@ def start_ray(address: str | None, *, resources: Mapping[str, float] | None = No
     """
     if not address:
         use_loopback_ray()
-    for name, value in QUIET_TUNE_ENVIRONMENT.items():
+    for name, value in SWEEP_TUNE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
 
     import optuna

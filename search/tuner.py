@@ -31,7 +31,7 @@ from cxrtune.analysis.storage import (
 )
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
-from cxrtune.search.retention import CheckpointRetention
+from cxrtune.search.retention import CheckpointRetention, ForgetEndedTrialHistory
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
 from cxrtune.search.searcher import StudySearcher
 from cxrtune.spaces import get_space
@@ -381,6 +381,7 @@ def build_tuner(
         progress,
         TBXLoggerCallback(),
         CheckpointRetention(config.checkpoints_to_keep, config.scheduler_metric),
+        ForgetEndedTrialHistory(),
     ]
     if config.mlflow_uri:
         callbacks.append(mlflow_callback(config.mlflow_uri, experiment_name))

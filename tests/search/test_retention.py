@@ -11,7 +11,11 @@ from typing import Any
 import pyarrow.fs
 import pytest
 
-from cxrtune.search.retention import CheckpointRetention, checkpoints_to_delete
+from cxrtune.search.retention import (
+    CheckpointRetention,
+    ForgetEndedTrialHistory,
+    checkpoints_to_delete,
+)
 
 
 def names(entries: list[tuple[float, int, str]]) -> list[str]:
@@ -143,3 +147,50 @@ def test_a_checkpoint_that_cannot_be_deleted_is_a_warning(
     retention.on_experiment_end(trials=[trial])
     assert "could not delete the checkpoint" in caplog.text
     assert "checkpoint_000001" in caplog.text
+
+
+def tune_trial(trial_id: str, epochs: int) -> Any:
+    """A Ray Tune trial as the driver holds it after ``epochs`` reported results."""
+    from ray.tune.experiment import Trial
+
+    trial = Trial("replay", config={"family": "baseline_cnn", "lr": 1e-3}, stub=True)
+    trial.trial_id = trial_id
+    for epoch in range(1, epochs + 1):
+        trial.update_last_result(
+            {"epoch": epoch, "val_macro_auc": 0.5 + epoch / 100, "training_iteration": epoch}
+        )
+    return trial
+
+
+def test_ended_trials_lose_their_metric_history_and_running_ones_keep_it() -> None:
+    from ray.tune.experiment import Trial
+
+    ended, running, restored = (tune_trial(name, 3) for name in ("ended", "running", "restored"))
+    restored.set_status(Trial.TERMINATED)
+    running.set_status(Trial.RUNNING)
+    full_json = ended.get_json_state()[1]
+    forget = ForgetEndedTrialHistory()
+    # A resumed driver's first step: the trials that ended before it died.
+    forget.on_step_begin(0, [restored, running])
+    forget.on_trial_complete(0, [ended, running], ended)
+
+    for trial in (ended, restored):
+        assert trial.metric_analysis == {} and trial.metric_n_steps == {}
+        assert trial.last_result["val_macro_auc"] == pytest.approx(0.53)
+    assert running.metric_analysis["val_macro_auc"]["max"] == pytest.approx(0.53)
+    # The snapshot carries the trimmed state, and Tune restores from it.
+    trimmed_json = ended.get_json_state()[1]
+    assert len(trimmed_json) < len(full_json) / 2
+    again = tune_trial("again", 0)
+    again.restore_run_metadata(trimmed_json)
+    assert again.last_result["epoch"] == 3 and again.metric_analysis == {}
+
+
+def test_a_ray_without_the_metric_history_gets_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forget = ForgetEndedTrialHistory()
+    for name in ("a", "b"):
+        forget.on_trial_error(0, [], SimpleNamespace(trial_id=name, run_metadata=object()))
+    warnings = [record for record in caplog.records if "metric history" in record.getMessage()]
+    assert len(warnings) == 1
