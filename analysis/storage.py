@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -478,6 +479,23 @@ class AppendUpload:
             source.seek(start)
             data = source.read()
         return data[: data.rfind(b"\n") + 1]
+
+
+@contextmanager
+def local_copy(location: str | Path) -> Iterator[Path]:
+    """The folder at ``location`` as a local folder to read, for the length of the block.
+
+    A local path is given back as it is. A URI's files are downloaded into a scratch
+    folder, deleted when the block ends.
+    """
+    if not is_remote(location):
+        yield Path(location)
+        return
+    folder = RemoteDir.open(str(location))
+    with tempfile.TemporaryDirectory(prefix="cxrtune-copy-") as scratch:
+        for remote in folder.files():
+            folder.download(remote, Path(scratch))
+        yield Path(scratch)
 
 
 def driver_files_dir(experiment: RemoteDir) -> Path:

@@ -419,7 +419,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     from cxrtune.analysis.experiment import local_experiment_dir
     from cxrtune.analysis.outputs import writable_folder
     from cxrtune.analysis.report import write_report
-    from cxrtune.analysis.storage import is_remote, joined
+    from cxrtune.analysis.storage import joined
 
     if args.out is not None:
         writable_folder(args.out, option="--out")
@@ -427,9 +427,14 @@ def run_report_command(args: argparse.Namespace) -> int:
         html = write_report(
             experiment_dir, top=args.top, out_dir=args.out, evaluate_top=args.evaluate_top
         )
-    written = str(html)
-    if args.out is None and is_remote(args.experiment_dir):
-        written = joined(args.experiment_dir, html.relative_to(experiment_dir).as_posix())
+    # Named where it lives: in the experiment dir (a local copy's file under a URI), or --out.
+    written = (
+        str(html)
+        if args.out is not None
+        else joined(
+            args.experiment_dir, html.relative_to(experiment_dir.expanduser().resolve()).as_posix()
+        )
+    )
     print(f"Report written to {written}")
     return EXIT_OK
 

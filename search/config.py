@@ -17,7 +17,7 @@ from typing import Any, Union
 import yaml
 
 from cxrtune.analysis.experiment import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_SCHEDULER_METRIC
-from cxrtune.analysis.storage import has_credentials, is_remote, redacted
+from cxrtune.analysis.storage import has_credentials, redacted
 from cxrtune.spaces import FAMILIES, get_space
 from cxrtune.trainables.config import (
     DEFAULT_MAX_EPOCHS,
@@ -213,7 +213,7 @@ class SweepConfig:
             raise SweepConfigError(
                 f"evaluate_top: must be a positive integer (or null), got {self.evaluate_top}"
             )
-        if is_remote(self.storage_path) and has_credentials(self.storage_path):
+        if has_credentials(self.storage_path):
             # Written into sweep.yaml, uploaded with it, and handed to every Ray node.
             raise SweepConfigError(
                 f"storage_path: {redacted(self.storage_path)} carries credentials in the URI; "

@@ -18,7 +18,6 @@ one with its optimizer state is a few hundred MB) through the driver's memory an
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cxrtune.analysis.experiment import SPLITS_FILE, Evaluations, Evaluator, Experiment
-from cxrtune.analysis.storage import RemoteDir, is_remote, joined, redacted
+from cxrtune.analysis.storage import joined, local_copy, redacted
 
 __all__ = ["EVALUATION_GPUS", "ray_evaluator", "task_resources"]
 
@@ -97,9 +96,9 @@ def evaluate_on_ray(
 
 
 def checkpoint_location(checkpoint: Path, experiment_location: str, local_dir: Path) -> str:
-    """Where a worker reads ``checkpoint``: its URI under a remote experiment, else its path."""
-    if not is_remote(experiment_location):
-        return str(checkpoint)
+    """Where a worker reads ``checkpoint``, a folder under ``local_dir``, the local copy of
+    the experiment dir at ``experiment_location``: its URI under a remote experiment dir,
+    else its path."""
     return joined(experiment_location, checkpoint.relative_to(local_dir).as_posix())
 
 
@@ -117,17 +116,9 @@ def evaluate_task(
     from cxrtune.trainables.checkpoints import CheckpointCorruptError
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    if not is_remote(checkpoint):
+    with local_copy(checkpoint) as folder:
         try:
-            return evaluate_checkpoint(Path(checkpoint), evaluation_set, device), None
+            return evaluate_checkpoint(folder, evaluation_set, device), None
         except CheckpointCorruptError as error:
-            return None, unreadable_reason(error)
-    with tempfile.TemporaryDirectory(prefix="cxrtune-checkpoint-") as scratch:
-        folder = RemoteDir.open(checkpoint)
-        for remote in folder.files():
-            folder.download(remote, Path(scratch))
-        try:
-            return evaluate_checkpoint(Path(scratch), evaluation_set, device), None
-        except CheckpointCorruptError as error:
-            # Named by its URI: the scratch copy is gone by the time anyone reads the reason.
-            return None, unreadable_reason(error).replace(scratch, redacted(checkpoint))
+            # Named by where it lives: a scratch copy is gone by the time anyone reads this.
+            return None, unreadable_reason(error).replace(str(folder), redacted(checkpoint))

@@ -342,8 +342,7 @@ def run_sweep(
     tuner = build_tuner(
         config,
         prepared.trial_data(config.target_specificity),
-        experiment_name=experiment.name,
-        storage_path=config.storage_path,
+        experiment=experiment,
         vgg16_weights=vgg16_weights,
         progress=progress,
         pretrained=pretrained,

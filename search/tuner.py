@@ -360,18 +360,16 @@ def build_tuner(
     config: SweepConfig,
     data: TrialData,
     *,
-    experiment_name: str,
-    storage_path: str,
+    experiment: ExperimentDir,
     vgg16_weights: str,
     progress: SweepProgress,
     pretrained: StateDict | None = None,
 ) -> tune.Tuner:
     """The ``Tuner`` that runs the sweep; ``data`` and ``pretrained`` go to the object store once.
 
-    The experiment dir ``storage_path/experiment_name`` must exist: the Optuna
-    journal is created in it here. Under an ``s3://`` storage path Ray is handed the
-    store's pyarrow filesystem, and the journal lives in the driver's local folder for
-    the experiment (``driver_files_dir``), uploaded as the sweep goes.
+    The Optuna journal is created in ``experiment``'s ``journal`` path here. On a
+    remote experiment dir Ray is handed the store's pyarrow filesystem, and the journal
+    lives in the driver's local folder for the experiment, uploaded as the sweep goes.
     """
     trainable = build_trainable(config, data, pretrained)
     scheduler = build_scheduler(config)
@@ -384,11 +382,10 @@ def build_tuner(
         ForgetEndedTrialHistory(),
     ]
     if config.mlflow_uri:
-        callbacks.append(mlflow_callback(config.mlflow_uri, experiment_name))
+        callbacks.append(mlflow_callback(config.mlflow_uri, experiment.name))
     # Written in place, not through Ray's staging dir. Its name must not end in .json or
     # .pkl: on resume Ray copies such files from the experiment dir to its staging dir and
     # later uploads them back, which would put a stale copy over the live journal.
-    experiment = ExperimentDir.under(storage_path, experiment_name)
     journal = experiment.journal
     journal.parent.mkdir(parents=True, exist_ok=True)
     if experiment.remote is not None:
@@ -405,7 +402,7 @@ def build_tuner(
             reuse_actors=REUSE_ACTORS,
         ),
         run_config=tune.RunConfig(
-            name=experiment_name,
+            name=experiment.name,
             storage_path=ray_storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=tune.CheckpointConfig(

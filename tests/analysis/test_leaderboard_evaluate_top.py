@@ -219,6 +219,22 @@ def test_report_export_and_commands_work_with_trials_not_evaluated(
     assert "--evaluate-top: must be a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_the_report_command_names_the_report_as_the_user_named_the_dir(
+    five_trials: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    experiment = tmp_path / "sweep #1"
+    shutil.copytree(five_trials, experiment)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "sweep #1", "--evaluate-top", "1", "--top", "1"]) == 0
+    assert f"Report written to {Path('sweep #1', 'report', 'report.html')}\n" in (
+        capsys.readouterr().out
+    )
+    assert (experiment / "report" / "report.html").is_file()
+
+
 def test_the_sweep_file_refuses_an_evaluate_top_below_one() -> None:
     from cxrtune.search.config import SweepConfigError, load_sweep_config
 

@@ -18,6 +18,7 @@ from cxrtune.analysis.storage import (
     has_credentials,
     is_remote,
     joined,
+    local_copy,
     mirror_dir,
     redacted,
     remote_cache_dir,
@@ -130,6 +131,25 @@ def test_files_go_up_and_come_back_whole(s3_bucket: str, tmp_path: Path) -> None
     assert not list(copy.rglob("*.partial"))
     (copy / "trial_1" / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')
     assert not remote.is_current(listed["trial_1/result.json"], copy)
+
+
+def test_a_local_copy_of_a_remote_folder_lasts_the_block_and_a_local_folder_is_itself(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "checkpoint #1"
+    (checkpoint / "parts").mkdir(parents=True)
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    (checkpoint / "parts" / "state.json").write_text("{}")
+    remote = RemoteDir.open(f"{s3_bucket}/exp/trial/checkpoint_000001")
+    remote.upload_files(checkpoint, ["model.pt", "parts/state.json"])
+    with local_copy(remote.uri) as folder:
+        assert folder != checkpoint
+        assert (folder / "model.pt").read_bytes() == b"weights"
+        assert (folder / "parts" / "state.json").read_text() == "{}"
+    assert not folder.exists()
+    with local_copy(checkpoint) as folder:
+        assert folder == checkpoint
+    assert (checkpoint / "model.pt").is_file()
 
 
 def test_a_writable_store_passes_the_write_check_and_keeps_no_probe(s3_bucket: str) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cxrtune.analysis.experiment import ExperimentDir
 from cxrtune.search.config import load_sweep_config
 from cxrtune.search.progress import SweepProgress
 from cxrtune.trainables.checkpoints import read_checkpoint
@@ -138,8 +139,7 @@ def test_a_two_worker_trial_reports_like_any_trial_with_a_checkpoint_per_epoch(
     tuner = build_tuner(
         config,
         tiny_data(),
-        experiment_name="sweep",
-        storage_path=str(tmp_path),
+        experiment=ExperimentDir.under(str(tmp_path), "sweep"),
         vgg16_weights="none",
         progress=SweepProgress(num_samples=1, max_epochs=2),
     )
