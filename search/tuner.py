@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune import PlacementGroupFactory
+from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -52,6 +53,7 @@ __all__ = [
     "FamilyResourcesFn",
     "JournalUpload",
     "TrialSpace",
+    "UnendedTrialsASHA",
     "build_sampler",
     "build_scheduler",
     "build_searcher",
@@ -344,9 +346,39 @@ def build_trainable(
     )
 
 
+class UnendedTrialsASHA(ASHAScheduler):
+    """ASHA that looks for the next trial to start among the trials that have not ended.
+
+    Tune's schedulers look through every trial of the sweep for a pending one, at every
+    turn of the driver's loop: in a replayed sweep on a simulated cluster
+    (``benchmarks/cluster_scale.py``), 6% of the driver's time at 3,000 trials, and
+    growing with the trials. This keeps the trials in the order Tune added them (a
+    retried trial goes to the end, as in Tune's own list), drops them once ended, and
+    chooses as Tune does: the first pending trial, else the first paused one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unended: dict[str, Trial] = {}  # trial id -> trial, in the order of Tune's list
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self.unended.pop(trial.trial_id, None)
+        self.unended[trial.trial_id] = trial
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        for trial_id in [key for key, trial in self.unended.items() if trial.is_finished()]:
+            del self.unended[trial_id]
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for trial in self.unended.values():
+                if trial.status == status:
+                    return trial
+        return None
+
+
 def build_scheduler(config: SweepConfig) -> ASHAScheduler:
     """ASHA on the sweep's scheduler metric, one rung step per epoch."""
-    return ASHAScheduler(
+    return UnendedTrialsASHA(
         time_attr="training_iteration",
         metric=config.scheduler_metric,
         mode=metric_mode(config.scheduler_metric),

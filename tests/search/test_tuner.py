@@ -10,6 +10,7 @@ from cxrtune.search.config import load_sweep_config
 from cxrtune.search.tuner import (
     DATA_PARALLEL_DRIVER,
     FamilyResourcesFn,
+    UnendedTrialsASHA,
     data_parallel_resources,
 )
 from cxrtune.trainables.config import FamilyResources
@@ -100,3 +101,41 @@ def test_four_quarter_gpu_trials_share_one_gpu_at_the_same_time(
     assert len(table) == 4
     assert set(table["gpu_share"]) == {0.25}
     assert set(table["gpu_ids"]) == {"0"}
+
+
+def test_the_scheduler_starts_the_trial_tunes_own_scheduler_would() -> None:
+    """Same choice as Tune's full scan, through new, ended, paused and retried trials."""
+    import random
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    class Controller:
+        def __init__(self) -> None:
+            self.trials: list[Trial] = []
+
+        def get_trials(self) -> list[Trial]:
+            return self.trials
+
+    controller, scheduler = Controller(), UnendedTrialsASHA(metric="val_macro_auc", mode="max")
+    tunes_own = FIFOScheduler()
+    rng = random.Random(0)
+    statuses = [Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Trial.ERROR]
+    for step in range(400):
+        if step % 3 == 0:
+            trial = Trial("replay", stub=True, trial_id=f"t{step:04d}")
+            controller.trials.append(trial)
+            scheduler.on_trial_add(controller, trial)
+        unended = [trial for trial in controller.trials if not trial.is_finished()]
+        if unended:
+            trial = rng.choice(unended)
+            trial.set_status(rng.choice(statuses))
+            if trial.status == Trial.PENDING and rng.random() < 0.3:
+                # A trial retried after a failure goes to the end of Tune's list.
+                controller.trials.remove(trial)
+                controller.trials.append(trial)
+                scheduler.on_trial_add(controller, trial)
+        assert scheduler.choose_trial_to_run(controller) is tunes_own.choose_trial_to_run(
+            controller
+        )
+    assert len(scheduler.unended) < len(controller.trials) / 2
