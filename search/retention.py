@@ -201,18 +201,20 @@ def delete(doomed: list[Doomed]) -> None:
 
 
 class ForgetEndedTrialHistory(tune.Callback):
-    """Drops the running statistics Ray Tune keeps of each ended trial's metrics.
+    """Drops what Ray Tune keeps in the driver of each ended trial's metrics and checkpoints.
 
     For every trial, Tune keeps the min, max, mean and last-5 and last-10 means of
-    each numeric key it has reported, about 2 KB per key, and writes them into every
-    snapshot of the experiment state. Ended trials stay in the driver until the sweep
-    ends, so this grows with the trials: about 35 of the 60 KB each ended trial held
-    in a replayed 10,000-trial sweep (``benchmarks/cluster_scale.py``). Nothing in
-    cxrtune reads these statistics (results are read from the trials' files), and a
-    resumed sweep does not run ended trials again.
+    each numeric key it has reported (about 2 KB per key) and a record of each
+    checkpoint it reported, and writes both into every snapshot of the experiment
+    state. Ended trials stay in the driver until the sweep ends, so this grows with the
+    trials: 45 of the 60 KB an ended trial of a replayed sweep held
+    (``benchmarks/cluster_scale.py``), and a resumed driver reads it all back.
+    Nothing in cxrtune reads either: results and checkpoints are read from the trials'
+    folders, and a resumed sweep does not run ended trials again. The trial's last
+    result stays.
 
-    The statistics live in ``trial.run_metadata``, which Tune offers no public way to
-    trim. Should a later Ray rename it, this warns once and leaves trials as they are.
+    Both live in ``trial.run_metadata``, which Tune offers no public way to trim.
+    Should a later Ray change it, this warns once and leaves trials as they are.
     """
 
     def __init__(self) -> None:
@@ -221,7 +223,7 @@ class ForgetEndedTrialHistory(tune.Callback):
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         if not self.restored_trials_seen:
-            # A resumed sweep restores the trials that had ended, statistics and all.
+            # A resumed sweep restores the trials that had ended before, history and all.
             self.restored_trials_seen = True
             for trial in trials:
                 if trial.status in ("TERMINATED", "ERROR"):
@@ -235,15 +237,20 @@ class ForgetEndedTrialHistory(tune.Callback):
 
     def forget(self, trial: Any) -> None:
         metadata: Any = getattr(trial, "run_metadata", None)
-        if not (hasattr(metadata, "metric_analysis") and hasattr(metadata, "metric_n_steps")):
+        try:
+            checkpoints = metadata.checkpoint_manager
+            # An empty record of the same kind, as Tune makes for a new trial. Assigned,
+            # not cleared in place: assigning also drops the JSON Tune cached of the
+            # metadata, so the next snapshot writes the trimmed one.
+            empty = type(checkpoints)(checkpoints.checkpoint_config) if checkpoints else None
+            metadata.metric_analysis, metadata.metric_n_steps = {}, {}
+            if empty is not None:
+                metadata.checkpoint_manager = empty
+        except (AttributeError, TypeError) as error:
             if not self.warned:
                 self.warned = True
                 logger.warning(
-                    "this Ray keeps trial metrics where cxrtune does not look; "
-                    "ended trials keep their metric history in the driver"
+                    "ended trials keep their metric and checkpoint history in the driver: "
+                    "this Ray keeps it where cxrtune does not look (%s)",
+                    error,
                 )
-            return
-        # Assigning, not clearing in place: the assignment also drops the JSON that
-        # Tune cached of the trial's metadata, so the next snapshot writes the trimmed one.
-        metadata.metric_analysis = {}
-        metadata.metric_n_steps = {}

@@ -150,19 +150,26 @@ def test_a_checkpoint_that_cannot_be_deleted_is_a_warning(
 
 
 def tune_trial(trial_id: str, epochs: int) -> Any:
-    """A Ray Tune trial as the driver holds it after ``epochs`` reported results."""
+    """A Ray Tune trial as the driver holds it after ``epochs`` results, each with a checkpoint."""
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
     from ray.tune.experiment import Trial
 
     trial = Trial("replay", config={"family": "baseline_cnn", "lr": 1e-3}, stub=True)
     trial.trial_id = trial_id
+    config = tune.CheckpointConfig(checkpoint_score_attribute="val_macro_auc")
+    trial.run_metadata.checkpoint_manager = _CheckpointManager(config)
     for epoch in range(1, epochs + 1):
-        trial.update_last_result(
-            {"epoch": epoch, "val_macro_auc": 0.5 + epoch / 100, "training_iteration": epoch}
+        result = {"epoch": epoch, "val_macro_auc": 0.5 + epoch / 100, "training_iteration": epoch}
+        trial.update_last_result(result)
+        checkpoint = tune.Checkpoint(f"/experiment/{trial_id}/checkpoint_{epoch:06d}")
+        trial.run_metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=checkpoint, metrics=result)
         )
     return trial
 
 
-def test_ended_trials_lose_their_metric_history_and_running_ones_keep_it() -> None:
+def test_ended_trials_lose_their_metric_and_checkpoint_history_and_running_ones_keep_it() -> None:
     from ray.tune.experiment import Trial
 
     ended, running, restored = (tune_trial(name, 3) for name in ("ended", "running", "restored"))
@@ -176,21 +183,25 @@ def test_ended_trials_lose_their_metric_history_and_running_ones_keep_it() -> No
 
     for trial in (ended, restored):
         assert trial.metric_analysis == {} and trial.metric_n_steps == {}
+        assert trial.checkpoint is None
+        assert trial.run_metadata.checkpoint_manager.checkpoint_config.checkpoint_score_attribute
         assert trial.last_result["val_macro_auc"] == pytest.approx(0.53)
     assert running.metric_analysis["val_macro_auc"]["max"] == pytest.approx(0.53)
+    assert running.checkpoint.path.endswith("checkpoint_000003")
     # The snapshot carries the trimmed state, and Tune restores from it.
     trimmed_json = ended.get_json_state()[1]
     assert len(trimmed_json) < len(full_json) / 2
     again = tune_trial("again", 0)
     again.restore_run_metadata(trimmed_json)
     assert again.last_result["epoch"] == 3 and again.metric_analysis == {}
+    assert again.checkpoint is None
 
 
-def test_a_ray_without_the_metric_history_gets_one_warning(
+def test_a_ray_without_the_history_gets_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     forget = ForgetEndedTrialHistory()
     for name in ("a", "b"):
         forget.on_trial_error(0, [], SimpleNamespace(trial_id=name, run_metadata=object()))
-    warnings = [record for record in caplog.records if "metric history" in record.getMessage()]
+    warnings = [record for record in caplog.records if "history" in record.getMessage()]
     assert len(warnings) == 1
