@@ -56,7 +56,7 @@ from cxrtune.trainables.splits import (
 )
 
 if TYPE_CHECKING:
-    from ray.tune import ResultGrid
+    from ray.tune import ResultGrid, Tuner
 
     from cxrtune.trainables.models import StateDict
 
@@ -422,11 +422,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     # Before Tuner.restore, which reuses the killed driver's staging folder for the
     # experiment (on the same Ray cluster it still holds the result files of trials the
     # snapshot lacks) and uploads it to the experiment dir as the sweep goes.
-    snapshot = tune.ExperimentAnalysis(str(directory))
-    storage = snapshot.trials[0].storage if snapshot.trials else None
-    staging = Path(storage.experiment_driver_staging_path) if storage is not None else None
-    in_snapshot = {Path(trial.path).name for trial in snapshot.trials if trial.path}
-    set_aside_unrecorded_trials(directory, in_snapshot, staging)
+    set_aside_unrecorded_trials(directory, *snapshot_trials(directory))
     tuner = tune.Tuner.restore(
         str(directory),
         trainable=build_trainable(
@@ -436,17 +432,48 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
         resume_errored=False,
         restart_errored=False,
     )
-    recorded = tuner.get_results()
-    errored = errored_trials(recorded)
-    print(
-        f"{len(recorded)} trial(s) recorded: "
-        f"{recorded.num_terminated + recorded.num_errors - errored} finished (kept), "
-        f"{errored} errored (stay errored), the rest continue from their last checkpoint"
-    )
+    print(describe_recorded(tuner.get_results()))
+    forget_restored_results(tuner)
     results = tuner.fit()
     return SweepOutcome(
         experiment_dir=directory, trials=len(results), errored=errored_trials(results)
     )
+
+
+# The two readings of the snapshot below load every trial with its results; each is
+# made and dropped in a function of its own, so that neither stays in the driver's
+# memory while the resumed sweep runs.
+
+
+def snapshot_trials(directory: Path) -> tuple[set[str], Path | None]:
+    """The trial folders Ray's snapshot in ``directory`` records, and its driver's staging dir."""
+    from ray import tune
+
+    snapshot = tune.ExperimentAnalysis(str(directory))
+    storage = snapshot.trials[0].storage if snapshot.trials else None
+    staging = Path(storage.experiment_driver_staging_path) if storage is not None else None
+    return {Path(trial.path).name for trial in snapshot.trials if trial.path}, staging
+
+
+def describe_recorded(recorded: ResultGrid) -> str:
+    errored = errored_trials(recorded)
+    return (
+        f"{len(recorded)} trial(s) recorded: "
+        f"{recorded.num_terminated + recorded.num_errors - errored} finished (kept), "
+        f"{errored} errored (stay errored), the rest continue from their last checkpoint"
+    )
+
+
+def forget_restored_results(tuner: Tuner) -> None:
+    """Drop the results ``Tuner.restore`` read of every recorded trial, before the sweep runs.
+
+    Ray keeps them (``ExperimentAnalysis``, about 37 KB per trial) until ``fit`` ends,
+    although ``fit`` makes its own; nothing reads them after ``describe_recorded``.
+    Tune offers no public way to drop them, so a Ray that keeps them elsewhere keeps them.
+    """
+    local_tuner = getattr(tuner, "_local_tuner", None)
+    if local_tuner is not None and hasattr(local_tuner, "_experiment_analysis"):
+        local_tuner._experiment_analysis = None
 
 
 def require_resumable(directory: Path) -> None:

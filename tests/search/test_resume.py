@@ -118,3 +118,17 @@ def test_trials_the_snapshot_lacks_are_set_aside_with_their_staged_result_files(
     assert (experiment / "aaaa0001_baseline_cnn" / "result.json").is_file()
     assert (experiment / "sweep.yaml").read_text() == "kept"
     assert capsys.readouterr().out.count("was not in Ray's last snapshot") == 2
+
+
+def test_the_restored_results_are_dropped_where_this_ray_keeps_them() -> None:
+    """Guards ``forget_restored_results`` against a Ray that moved them: it would do nothing."""
+    from ray import tune
+
+    from cxrtune.search.sweep import forget_restored_results
+
+    tuner = tune.Tuner(lambda config: None)
+    local_tuner = tuner._local_tuner
+    assert hasattr(local_tuner, "_experiment_analysis")  # Ray's own, set in its __init__
+    local_tuner._experiment_analysis = object()  # what Tuner.restore puts there
+    forget_restored_results(tuner)
+    assert local_tuner._experiment_analysis is None
