@@ -96,9 +96,11 @@ def evaluate_on_ray(
 
 
 def checkpoint_location(checkpoint: Path, experiment_location: str, local_dir: Path) -> str:
-    """Where a worker reads ``checkpoint``, a folder under ``local_dir``, the local copy of
-    the experiment dir at ``experiment_location``: its URI under a remote experiment dir,
-    else its path."""
+    """Where a worker reads ``checkpoint``: its URI on storage, or its local path.
+
+    ``checkpoint`` is a folder under ``local_dir``, the local copy of the experiment dir
+    at ``experiment_location``.
+    """
     return joined(experiment_location, checkpoint.relative_to(local_dir).as_posix())
 
 
