@@ -73,6 +73,26 @@ def rows_by_trial(experiment: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def restorable_epochs(experiment: Path) -> dict[str, int]:
+    """Per trial folder, the epochs done by the checkpoint Ray's newest snapshot names.
+
+    That is what ``cxrtune resume`` restores the trial from. Ray registers a checkpoint a
+    moment after the epoch's result, so a snapshot can hold the result without it.
+    """
+    from ray import tune
+
+    try:
+        snapshot = tune.ExperimentAnalysis(str(experiment))
+    except (ValueError, OSError):
+        return {}  # no snapshot yet, or one being written
+    return {
+        # Ray numbers a trial's checkpoints from 0: checkpoint_000001 holds epoch 2.
+        Path(trial.path).name: int(trial.checkpoint.path.rpartition("_")[2]) + 1
+        for trial in snapshot.trials
+        if trial.path and trial.checkpoint is not None
+    }
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -166,11 +186,17 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
             output = sweep.stdout.read() if sweep.stdout else ""
             pytest.fail(f"the sweep ended before it was killed:\n{output[-3000:]}")
         counts = (
-            [len(rows) for rows in rows_by_trial(experiment).values()]
+            {name: len(rows) for name, rows in rows_by_trial(experiment).items()}
             if experiment.is_dir()
-            else []
+            else {}
         )
-        return MAX_EPOCHS in counts and any(0 < count < MAX_EPOCHS for count in counts)
+        if MAX_EPOCHS not in counts.values():
+            return False
+        interrupted = {name for name, count in counts.items() if 0 < count < MAX_EPOCHS}
+        # Killed before Ray's snapshot names the interrupted trial's last checkpoint,
+        # the trial would rightly start again from its first epoch.
+        restorable = restorable_epochs(experiment) if interrupted else {}
+        return any(restorable.get(name) == counts[name] for name in interrupted)
 
     try:
         wait_for(one_finished_and_one_checkpointed, 300, "a finished and a checkpointed trial")
