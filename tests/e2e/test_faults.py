@@ -185,18 +185,23 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
         if sweep.poll() is not None:
             output = sweep.stdout.read() if sweep.stdout else ""
             pytest.fail(f"the sweep ended before it was killed:\n{output[-3000:]}")
-        counts = (
-            {name: len(rows) for name, rows in rows_by_trial(experiment).items()}
-            if experiment.is_dir()
-            else {}
-        )
-        if MAX_EPOCHS not in counts.values():
+
+        def row_counts() -> dict[str, int]:
+            if not experiment.is_dir():
+                return {}
+            return {name: len(rows) for name, rows in rows_by_trial(experiment).items()}
+
+        counted = row_counts()
+        interrupted = [name for name, count in counted.items() if 0 < count < MAX_EPOCHS]
+        if MAX_EPOCHS not in counted.values() or not interrupted:
             return False
-        interrupted = {name for name, count in counts.items() if 0 < count < MAX_EPOCHS}
-        # Killed before Ray's snapshot names the interrupted trial's last checkpoint,
-        # the trial would rightly start again from its first epoch.
-        restorable = restorable_epochs(experiment) if interrupted else {}
-        return any(restorable.get(name) == counts[name] for name in interrupted)
+        # Killed before Ray's snapshot names an interrupted trial's checkpoint of its last
+        # epoch, the trial would rightly run that epoch again. The rows are read again
+        # after the snapshot: one written in between shows as a change.
+        restorable = restorable_epochs(experiment)
+        return row_counts() == counted and all(
+            restorable.get(name) == counted[name] for name in interrupted
+        )
 
     try:
         wait_for(one_finished_and_one_checkpointed, 300, "a finished and a checkpointed trial")
