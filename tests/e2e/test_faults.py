@@ -73,11 +73,12 @@ def rows_by_trial(experiment: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def restorable_epochs(experiment: Path) -> dict[str, int]:
-    """Per trial folder, the epochs done by the checkpoint Ray's newest snapshot names.
+def snapshot_trials(experiment: Path) -> dict[str, tuple[str, int]]:
+    """Per trial folder in Ray's newest snapshot: its status and its checkpoint's epochs.
 
-    That is what ``cxrtune resume`` restores the trial from. Ray registers a checkpoint a
-    moment after the epoch's result, so a snapshot can hold the result without it.
+    That is what ``cxrtune resume`` restores. Ray registers a checkpoint a moment after
+    the epoch's result, and ends a trial a moment after its last one, so a snapshot can
+    hold a result whose checkpoint or end it does not hold yet.
     """
     from ray import tune
 
@@ -87,9 +88,12 @@ def restorable_epochs(experiment: Path) -> dict[str, int]:
         return {}  # no snapshot yet, or one being written
     return {
         # Ray numbers a trial's checkpoints from 0: checkpoint_000001 holds epoch 2.
-        Path(trial.path).name: int(trial.checkpoint.path.rpartition("_")[2]) + 1
+        Path(trial.path).name: (
+            trial.status,
+            int(trial.checkpoint.path.rpartition("_")[2]) + 1 if trial.checkpoint else 0,
+        )
         for trial in snapshot.trials
-        if trial.path and trial.checkpoint is not None
+        if trial.path
     }
 
 
@@ -176,8 +180,9 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,  # its own session: its local Ray can be found and killed
         # Ray copies the trials' result files to the experiment dir when it snapshots the
-        # experiment, every 10 s or more by default: longer than this sweep lasts.
-        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        # experiment, every 10 s or more by default: longer than this sweep lasts. Every
+        # 0.1 s, a snapshot soon holds the checkpoint of the epoch whose result it shows.
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.1"},
     )
     experiment = storage / "killed"
 
@@ -195,13 +200,20 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
         interrupted = [name for name, count in counted.items() if 0 < count < MAX_EPOCHS]
         if MAX_EPOCHS not in counted.values() or not interrupted:
             return False
-        # Killed before Ray's snapshot names an interrupted trial's checkpoint of its last
-        # epoch, the trial would rightly run that epoch again. The rows are read again
-        # after the snapshot: one written in between shows as a change.
-        restorable = restorable_epochs(experiment)
-        return row_counts() == counted and all(
-            restorable.get(name) == counted[name] for name in interrupted
-        )
+        # Killed while Ray's snapshot lags the result files, a trial would rightly run
+        # an epoch again: every trial must be ended in it, or hold a checkpoint of its
+        # last epoch. The rows are read again after it: a snapshot written in between
+        # shows as a change.
+        snapshot = snapshot_trials(experiment)
+        if row_counts() != counted:
+            return False
+        for name, count in counted.items():
+            status, checkpointed = snapshot.get(name, ("", 0))
+            if count == MAX_EPOCHS and status != "TERMINATED":
+                return False
+            if 0 < count < MAX_EPOCHS and checkpointed != count:
+                return False
+        return True
 
     try:
         wait_for(one_finished_and_one_checkpointed, 300, "a finished and a checkpointed trial")
