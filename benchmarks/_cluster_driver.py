@@ -60,20 +60,14 @@ def checkpoint_files(config: Any, data: Any) -> dict[str, dict[str, bytes]]:
 def replay_trainable(config: Any, data: Any, pretrained: Any = None) -> Any:
     """Stands in for ``cxrtune.search.tuner.build_trainable``: same resources, replayed trials.
 
-    The sweep's ``FamilyResourcesFn`` would travel with the trainable and make each
-    worker import the tuner, and with it torch: the request is made here from the same
-    sweep-file ``resources``, which the benchmark sets alike for every family.
+    The resource request is the sweep's own (``FamilyResourcesFn``), as the driver
+    keeps it per trial.
     """
     from ray import tune
 
     from benchmarks._replay import replay_sweep_trial
+    from cxrtune.search.resources import FamilyResourcesFn
 
-    requests = {
-        (config.resources[family].cpus, config.resources[family].gpus) for family in config.families
-    }
-    if len(requests) != 1:
-        raise ValueError(f"the replay needs one resource request for all families: {requests}")
-    ((cpus, gpus),) = requests
     return tune.with_resources(
         tune.with_parameters(
             replay_sweep_trial,
@@ -81,7 +75,7 @@ def replay_trainable(config: Any, data: Any, pretrained: Any = None) -> Any:
             checkpoint_files=checkpoint_files(config, data),
             epoch_seconds=float(os.environ.get(EPOCH_SECONDS_VARIABLE, "0")),
         ),
-        tune.PlacementGroupFactory([{"CPU": cpus, "GPU": gpus}]),
+        FamilyResourcesFn.for_sweep(config),
     )
 
 

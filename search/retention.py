@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray.util.debug
 from ray import tune
 
 from cxrtune.search.searcher import metric_mode
@@ -61,6 +62,10 @@ def checkpoints_to_delete(
 
 # Ray's CallbackList saves the callbacks' states as callback-states-<session>.pkl.
 CALLBACK_STATE_PREFIX, CALLBACK_STATE_SUFFIX = "callback-states-", ".pkl"
+
+# Ray's ``TuneFunctionEncoder`` logs once for each object it falls back to pickling,
+# under this prefix and the object's ``str``.
+FALLBACK_LOG_KEY_PREFIX = "tune_func_encode:"
 
 Doomed = tuple[Any, str]  # (storage filesystem, checkpoint path) of a checkpoint to delete
 
@@ -215,6 +220,13 @@ class ForgetEndedTrialHistory(tune.Callback):
 
     Both live in ``trial.run_metadata``, which Tune offers no public way to trim.
     Should a later Ray change it, this warns once and leaves trials as they are.
+
+    Each snapshot also leaves keys in Ray's log-once record, one for each object
+    Tune's JSON encoder has to pickle, named by what the object holds: a trial's
+    storage context and checkpoint record, and its metrics' last-5 and last-10
+    values, new at almost every snapshot of a running trial. Nothing removes them (about
+    1.6 KB a trial); they are dropped after each snapshot. Ray offers no public way
+    to drop only these, so this reads its record, ``ray.util.debug._logged``.
     """
 
     def __init__(self) -> None:
@@ -234,6 +246,14 @@ class ForgetEndedTrialHistory(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.forget(trial)
+
+    def get_state(self) -> None:
+        """Called as Ray writes a snapshot, after it wrote every trial into it."""
+        logged = getattr(ray.util.debug, "_logged", None)
+        if isinstance(logged, set):
+            logged.difference_update(
+                [key for key in logged if str(key).startswith(FALLBACK_LOG_KEY_PREFIX)]
+            )
 
     def forget(self, trial: Any) -> None:
         metadata: Any = getattr(trial, "run_metadata", None)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
-from ray.tune import PlacementGroupFactory
 from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -32,11 +31,15 @@ from cxrtune.analysis.storage import (
 )
 from cxrtune.search.config import SweepConfig
 from cxrtune.search.progress import SweepProgress
+from cxrtune.search.resources import (
+    DATA_PARALLEL_DRIVER,
+    FamilyResourcesFn,
+    data_parallel_resources,
+)
 from cxrtune.search.retention import CheckpointRetention, ForgetEndedTrialHistory
 from cxrtune.search.searcher import RAY_TRIAL_ID_ATTR as RAY_TRIAL_ID_ATTR
 from cxrtune.search.searcher import StudySearcher
 from cxrtune.spaces import get_space
-from cxrtune.trainables.config import FamilyResources
 from cxrtune.trainables.fit import TrialData
 from cxrtune.trainables.metrics import metric_mode
 from cxrtune.trainables.models import StateDict
@@ -96,45 +99,6 @@ class TrialSpace:
 # next; a fresh process per trial starts clean. (A benchmark whose trials only replay
 # recorded results reuses them.)
 REUSE_ACTORS = False
-
-# What the Tune trial of a data-parallel family reserves for itself: it only
-# starts the Ray Train run, waits, and copies each checkpoint into the trial
-# folder. Ray Train reserves the workers' resources in a placement group of its own.
-DATA_PARALLEL_DRIVER = {"CPU": 0.25}
-
-
-@dataclass(frozen=True)
-class FamilyResourcesFn:
-    """Per-trial resource request, looked up by the trial's family.
-
-    A single-worker trial trains in the Tune trial's own bundle (a GPU fraction
-    lets several trials share one GPU). A data-parallel trial's bundle holds only
-    its driver, ``DATA_PARALLEL_DRIVER``.
-    """
-
-    resources: tuple[tuple[str, float, float, int], ...]  # (family, cpus, gpus, workers)
-
-    @classmethod
-    def for_sweep(cls, config: SweepConfig) -> FamilyResourcesFn:
-        """The sweep file's ``resources``, family by family."""
-        return cls(
-            tuple((family, r.cpus, r.gpus, r.workers) for family, r in config.resources.items())
-        )
-
-    def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
-        for family, cpus, gpus, workers in self.resources:
-            if family == config["family"]:
-                if workers > 1:
-                    return PlacementGroupFactory([dict(DATA_PARALLEL_DRIVER)])
-                return PlacementGroupFactory([{"CPU": cpus, "GPU": gpus}])
-        raise ValueError(f"no resources configured for family {config['family']!r}")
-
-
-def data_parallel_resources(config: SweepConfig) -> dict[str, FamilyResources]:
-    """The families that train data-parallel, with what each of their workers holds."""
-    return {
-        family: resources for family, resources in config.resources.items() if resources.workers > 1
-    }
 
 
 def trial_dirname(trial: Any) -> str:

@@ -205,3 +205,27 @@ def test_a_ray_without_the_history_gets_one_warning(
         forget.on_trial_error(0, [], SimpleNamespace(trial_id=name, run_metadata=object()))
     warnings = [record for record in caplog.records if "history" in record.getMessage()]
     assert len(warnings) == 1
+
+
+def test_ended_trials_leave_no_log_once_keys_behind(tmp_path: Path) -> None:
+    """Tune's JSON encoder keeps a log-once key per object it pickles, named by the trial.
+
+    Ray offers no count of those keys but its record, ``ray.util.debug._logged``.
+    """
+    from ray.train._internal.storage import StorageContext
+    from ray.util import debug
+
+    trials = [tune_trial(f"t{index}", 2) for index in range(10)]
+    for trial in trials:
+        trial.storage = StorageContext(
+            storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name=trial.trial_id
+        )
+    forget = ForgetEndedTrialHistory()
+    before = set(debug._logged)
+    for trial in trials:
+        trial.get_json_state()  # a snapshot while the trial runs
+        forget.on_trial_complete(0, trials, trial)
+        trial.get_json_state()  # the first snapshot after it ended...
+    assert len(set(debug._logged) - before) >= 2 * len(trials)
+    forget.get_state()  # ...and its end
+    assert set(debug._logged) - before == set()

@@ -36,6 +36,21 @@ def test_each_family_gets_its_own_bundle_and_a_data_parallel_one_only_its_driver
         resources({"family": "resnet"})
 
 
+def test_trials_of_a_family_share_one_resource_request() -> None:
+    """The driver keeps every trial's request: one object per family, not one per trial.
+
+    Tune unpickles the trainable, and with it this function, afresh for each trial.
+    """
+    import pickle
+
+    resources = FamilyResourcesFn((("baseline_cnn", 1.0, 0.25, 1), ("vgg16", 4.0, 1.0, 2)))
+    for family in ("baseline_cnn", "vgg16"):
+        first = resources({"family": family})
+        again = pickle.loads(pickle.dumps(resources))({"family": family})
+        assert again is first
+    assert resources({"family": "baseline_cnn"}) is not resources({"family": "vgg16"})
+
+
 @pytest.fixture
 def ray_with_one_gpu() -> Iterator[None]:
     """A local Ray that declares one GPU (none is needed to place trials on it)."""
