@@ -1,5 +1,6 @@
 """What the sweep keeps of each trial: its best few checkpoints and its latest, on storage;
-and, in the driver, none of Tune's metric and checkpoint records once the trial has ended.
+and, in the driver, none of Tune's metric and checkpoint records once the trial has ended,
+with the memory they held given back to the system.
 
 Ray's ``CheckpointConfig(num_to_keep=N)`` keeps the same ones, but forces a snapshot
 of the whole experiment state each time a trial has checkpointed N times since the
@@ -23,11 +24,15 @@ driver leaves the checkpoints it had not deleted yet, which only take space.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 import pickle
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,12 @@ from ray import tune
 
 from cxrtune.search.searcher import metric_mode
 
-__all__ = ["CheckpointRetention", "ForgetEndedTrialHistory", "checkpoints_to_delete"]
+__all__ = [
+    "CheckpointRetention",
+    "ForgetEndedTrialHistory",
+    "checkpoints_to_delete",
+    "return_freed_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +231,9 @@ class ForgetEndedTrialHistory(tune.Callback):
     Both live in ``trial.run_metadata``, which Tune offers no public way to trim.
     Should a later Ray change it, this warns once and leaves trials as they are.
 
+    After each snapshot the driver also gives the memory it freed back to the system
+    (``return_freed_memory``).
+
     Each snapshot also leaves keys in Ray's log-once record, one for each object
     Tune's JSON encoder has to pickle, named by what the object holds: a trial's
     storage context and checkpoint record, and its metrics' last-5 and last-10
@@ -254,6 +267,7 @@ class ForgetEndedTrialHistory(tune.Callback):
             logged.difference_update(
                 [key for key in logged if str(key).startswith(FALLBACK_LOG_KEY_PREFIX)]
             )
+        return_freed_memory()
 
     def forget(self, trial: Any) -> None:
         metadata: Any = getattr(trial, "run_metadata", None)
@@ -274,3 +288,24 @@ class ForgetEndedTrialHistory(tune.Callback):
                     "this Ray keeps it where cxrtune does not look (%s)",
                     error,
                 )
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system, where the C library can (glibc).
+
+    Python hands each object of over 512 bytes to the C allocator: every result the
+    driver reads, every trial's snapshot JSON, a restored experiment's state. What is
+    freed between live ones stays in the process, counted in its memory, until trimmed.
+    """
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None under a C library without one."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -11,6 +11,7 @@ trials and the searcher, the Optuna journal, ``sweep.yaml`` and ``splits.csv``.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import shutil
@@ -470,10 +471,16 @@ def forget_restored_results(tuner: Tuner) -> None:
     Ray keeps them (``ExperimentAnalysis``, about 37 KB per trial) until ``fit`` ends,
     although ``fit`` makes its own; nothing reads them after ``describe_recorded``.
     Tune offers no public way to drop them, so a Ray that keeps them elsewhere keeps them.
+    The memory they held is given back to the system.
     """
     local_tuner = getattr(tuner, "_local_tuner", None)
     if local_tuner is not None and hasattr(local_tuner, "_experiment_analysis"):
         local_tuner._experiment_analysis = None
+    # Imported here: retention brings Ray in, which the sweep module leaves to its callers.
+    from cxrtune.search.retention import return_freed_memory
+
+    gc.collect()  # what is only held in reference cycles, first
+    return_freed_memory()
 
 
 def require_resumable(directory: Path) -> None:
