@@ -1,24 +1,25 @@
-"""Optuna samplers as the sweep needs them: picklable, and quick on large studies.
+"""Optuna's parts as the sweep needs them: picklable, and light on studies of thousands.
 
-Ray pickles the searcher, and with it the study's sampler, into the experiment state
-when a sweep starts and at each snapshot. Optuna 5.1's NSGA-II sampler holds a thread
-lock, which does not pickle; ``NSGAIISampler`` here leaves its locks out of the pickle
-and makes fresh ones when it is read back.
+Ray pickles the searcher, and with it the study's sampler and storage, into the
+experiment state when a sweep starts and at each snapshot. Optuna 5.1's NSGA-II sampler
+holds a thread lock, which does not pickle; ``NSGAIISampler`` here leaves its locks out
+of the pickle and makes fresh ones when it is read back.
 
 ``RecentTrialsSampler`` bounds the cost of an ask on a study of thousands of trials
 (the sweep file's ``tpe_window_trials``): the wrapped sampler sees only the latest
-trials.
+trials. ``JournalFile`` is Optuna's journal file, less an index that grows with it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
-__all__ = ["NSGAIISampler", "RecentTrialsSampler"]
+__all__ = ["JournalFile", "NSGAIISampler", "RecentTrialsSampler"]
 
 # A lock in a pickle: the name of the kind, made afresh on the way back.
 _LOCKS = {type(threading.Lock()): "threading.Lock", type(threading.RLock()): "threading.RLock"}
@@ -181,3 +182,20 @@ class RecentTrialsSampler(optuna.samplers.BaseSampler):
             self._recent_storage.set_trial_intermediate_value(trial_id, step, intermediate)
         self.sampler.after_trial(recent, self._recent_storage.get_trial(trial_id), state, values)
         self._recent_storage.set_trial_state_values(trial_id, state, values)
+
+
+class JournalFile(JournalFileBackend):
+    """Optuna's journal file, remembering where only the last log it read ends.
+
+    ``JournalFileBackend`` keeps the byte offset of every log it has read, for as
+    long as the driver runs: about 1.2 KB per trial of the sweep. ``JournalStorage``
+    reads on from the last log it read, and a new reader from the start, so those
+    two offsets are all it needs. Optuna offers no public way to trim the others.
+    """
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        yield from super().read_logs(log_number_from)
+        offsets = self._log_number_offset
+        if len(offsets) > 2:
+            last = max(offsets)
+            self._log_number_offset = {0: offsets[0], last: offsets[last]}

@@ -128,9 +128,10 @@ def journal_storage(path: Path) -> optuna.storages.JournalStorage:
     kept as given, so a searcher restored from a checkpoint appends to the same file.
     """
     import optuna
-    from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    from cxrtune.search.samplers import JournalFile
+
+    return optuna.storages.JournalStorage(JournalFile(str(path)))
 
 
 def build_sampler(config: SweepConfig) -> optuna.samplers.BaseSampler:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import optuna
 import pytest
 
-from cxrtune.search.samplers import RecentTrialsSampler
+from cxrtune.search.samplers import JournalFile, RecentTrialsSampler
 
 
 def windowed_study(window: int) -> tuple[optuna.Study, RecentTrialsSampler]:
@@ -68,3 +69,31 @@ def test_a_running_trial_in_the_window_holds_the_parameters_drawn_for_it_so_far(
     (copy,) = sampler._recent.get_trials(deepcopy=False)
     assert copy.state == optuna.trial.TrialState.RUNNING
     assert copy.params == trial.params == {"x": trial.params["x"], "branch": "b"}
+
+
+def test_a_journal_file_reads_on_from_its_last_log_and_forgets_the_other_offsets(
+    tmp_path: Path,
+) -> None:
+    """Two storages on one file, as the driver and a resumed searcher's pickle may be."""
+    path = str(tmp_path / "study.journal")
+    driver = optuna.storages.JournalStorage(JournalFile(path))
+    other = optuna.storages.JournalStorage(JournalFile(path))
+    study = optuna.create_study(study_name="s", storage=driver)
+    for value in range(30):
+        study.tell(study.ask(), float(value))
+    beside = optuna.load_study(study_name="s", storage=other)
+    for value in range(30, 40):
+        beside.tell(beside.ask(), float(value))
+    for value in range(40, 45):
+        study.tell(study.ask(), float(value))
+
+    for storage in (driver, other):
+        trials = optuna.load_study(study_name="s", storage=storage).get_trials(deepcopy=False)
+        assert [trial.value for trial in trials] == [float(value) for value in range(45)]
+        # Where the first log starts and where the last one read ends; Optuna's own
+        # backend keeps one offset per log read (at least three per trial here).
+        assert len(storage._backend._log_number_offset) <= 2  # type: ignore[attr-defined]
+    # A new reader of the file reads it whole.
+    fresh = optuna.storages.JournalStorage(JournalFile(path))
+    assert len(optuna.load_study(study_name="s", storage=fresh).get_trials()) == 45
+    assert pickle.loads(pickle.dumps(driver)).get_all_trials(0)[-1].value == 44.0
