@@ -231,15 +231,14 @@ class ForgetEndedTrialHistory(tune.Callback):
     Both live in ``trial.run_metadata``, which Tune offers no public way to trim.
     Should a later Ray change it, this warns once and leaves trials as they are.
 
-    After each snapshot the driver also gives the memory it freed back to the system
-    (``return_freed_memory``).
-
     Each snapshot also leaves keys in Ray's log-once record, one for each object
     Tune's JSON encoder has to pickle, named by what the object holds: a trial's
     storage context and checkpoint record, and its metrics' last-5 and last-10
     values, new at almost every snapshot of a running trial. Nothing removes them (about
     1.6 KB a trial); they are dropped after each snapshot. Ray offers no public way
-    to drop only these, so this reads its record, ``ray.util.debug._logged``.
+    to drop only these, so this reads its record, ``ray.util.debug._logged``. After
+    each snapshot the driver also gives the memory it freed back to the system
+    (``return_freed_memory``).
     """
 
     def __init__(self) -> None:
