@@ -60,8 +60,8 @@ def checkpoint_files(config: Any, data: Any) -> dict[str, dict[str, bytes]]:
 def replay_trainable(config: Any, data: Any, pretrained: Any = None) -> Any:
     """Stands in for ``cxrtune.search.tuner.build_trainable``: same resources, replayed trials.
 
-    The resource request is the sweep's own (``FamilyResourcesFn``), as the driver
-    keeps it per trial.
+    The resource request is the sweep's own (``FamilyResourcesFn``), so the driver holds
+    what a real sweep's driver holds of each trial's request.
     """
     from ray import tune
 
