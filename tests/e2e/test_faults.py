@@ -73,7 +73,7 @@ def rows_by_trial(experiment: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def snapshot_trials(experiment: Path) -> dict[str, tuple[str, int]]:
+def snapshot_progress(experiment: Path) -> dict[str, tuple[str, int]]:
     """Per trial folder in Ray's newest snapshot: its status and its checkpoint's epochs.
 
     That is what ``cxrtune resume`` restores. Ray registers a checkpoint a moment after
@@ -204,7 +204,7 @@ def test_a_killed_sweep_driver_is_finished_by_resume(tmp_path: Path) -> None:
         # an epoch again: every trial must be ended in it, or hold a checkpoint of its
         # last epoch. The rows are read again after it: a snapshot written in between
         # shows as a change.
-        snapshot = snapshot_trials(experiment)
+        snapshot = snapshot_progress(experiment)
         if row_counts() != counted:
             return False
         for name, count in counted.items():

@@ -227,9 +227,9 @@ def test_ended_trials_leave_no_log_once_keys_behind(tmp_path: Path) -> None:
     for trial in trials:
         trial.get_json_state()  # a snapshot while the trial runs
         forget.on_trial_complete(0, trials, trial)
-        trial.get_json_state()  # the first snapshot after it ended...
+        trial.get_json_state()  # the first snapshot after it ended
     assert len(set(debug._logged) - before) >= 2 * len(trials)
-    forget.get_state()  # ...and its end
+    forget.get_state()  # called as that snapshot is written: the keys go
     assert set(debug._logged) - before == set()
 
 
